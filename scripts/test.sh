@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# README command 2: set up (idempotent) and run every test in the release profile, the one the
+# binary ships in, so mistral.rs is compiled once.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+"$ORCH_ROOT/scripts/setup.sh" --no-build
+source "$ORCH_ROOT/scripts/env.sh"
+cd "$ORCH_ROOT"
+# Tests use 2 threads each; fixed thread counts keep tensor sums reproducible.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+cargo test --release --locked "$@" 2>&1

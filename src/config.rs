@@ -1,0 +1,185 @@
+//! Typed configuration: one section per module, loaded from TOML with
+//! `ORCHESTRATOR__SECTION__KEY` environment overrides.
+//!
+//! Loading goes TOML + env -> `config::Value` -> `serde_json::Value` -> typed struct through
+//! `serde_path_to_error`, so a wrong type or an unknown key is reported with its full key path
+//! and the file it came from. Range checks run afterwards in [`Config::validate`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+
+/// Environment prefix for overrides: `ORCHESTRATOR__ENGINE__SAMPLING__TOP_P=0.9`.
+pub const ENV_PREFIX: &str = "ORCHESTRATOR";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// The policy model: an HF directory (config.json, tokenizer.json, safetensors) or a GGUF file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: ModelFormat,
+    #[serde(default)]
+    pub dtype: DType,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelFormat {
+    /// `.gguf` file -> gguf, otherwise an HF safetensors directory.
+    #[default]
+    Auto,
+    Safetensors,
+    Gguf,
+}
+
+/// Compute dtype. There is no `auto`: mistral.rs picks BF16 on CPU (slow) and, in a CUDA build,
+/// shells out to nvidia-smi to decide, so we always say what we want.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Root of every random stream in a run (sampling, task order, learner).
+    pub seed: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { seed: 0 }
+    }
+}
+
+/// Collects range errors as `key.path: message` lines.
+#[derive(Default)]
+pub struct Problems(pub Vec<String>);
+
+impl Problems {
+    pub fn push(&mut self, key: &str, msg: impl std::fmt::Display) {
+        self.0.push(format!("{key}: {msg}"));
+    }
+    /// Checks `lo < v <= hi`.
+    pub fn open_closed(&mut self, key: &str, v: f64, lo: f64, hi: f64) {
+        if !(v > lo && v <= hi) {
+            self.push(key, format!("must be in ({lo}, {hi}], got {v}"));
+        }
+    }
+    pub fn at_least(&mut self, key: &str, v: f64, lo: f64) {
+        if !(v >= lo) {
+            self.push(key, format!("must be >= {lo}, got {v}"));
+        }
+    }
+    pub fn positive(&mut self, key: &str, v: f64) {
+        if !(v > 0.0) {
+            self.push(key, format!("must be > 0, got {v}"));
+        }
+    }
+}
+
+impl Config {
+    /// Loads, type-checks and validates `path` (plus environment overrides).
+    /// Relative paths inside the file are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`] with an explicit environment, so tests need not mutate the process env.
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        if !path.is_file() {
+            bail!("config file {} does not exist", path.display());
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        // Syntax errors: toml reports line and column.
+        toml::from_str::<toml::Table>(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+
+        let env_map: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        let env_keys: Vec<String> = env_map.keys().cloned().collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("engine.sampling.stop")
+                    .source(Some(env_map)),
+            )
+            .build()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let value: serde_json::Value = built
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            let origin = if env_keys.is_empty() {
+                String::new()
+            } else {
+                format!(" (after environment overrides {})", env_keys.join(", "))
+            };
+            anyhow::anyhow!("{}: {key}: {}{origin}", path.display(), e.inner())
+        })?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.model.path.is_relative() {
+            self.model.path = base.join(&self.model.path);
+        }
+    }
+
+    /// Range checks; every problem is reported, each with its key path.
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Problems::default();
+        self.engine.validate("engine", &mut p);
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", p.0.join("\n  "))
+        }
+    }
+
+    /// The model's format after resolving `auto`.
+    pub fn model_format(&self) -> ModelFormat {
+        match self.model.format {
+            ModelFormat::Auto
+                if self.model.path.extension().is_some_and(|e| e == "gguf") =>
+            {
+                ModelFormat::Gguf
+            }
+            ModelFormat::Auto => ModelFormat::Safetensors,
+            f => f,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! [`Engine`] on an embedded mistral.rs 0.8.1 model.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use futures::stream::{FuturesUnordered, StreamExt};
+use mistralrs::{
+    GgufModelBuilder, MemoryGpuConfig, Model, ModelDType, PagedAttentionMetaBuilder,
+    RequestBuilder, StopTokens, TextMessageRole, TextModelBuilder, TokenSource,
+};
+use tokio::sync::{mpsc, RwLock};
+
+use super::sampler::{RecordingSampler, TokenSampling};
+use super::{ChatMessage, Engine, EngineConfig, FinishReason, GenRequest, Role, Rollout, SamplingConfig};
+use crate::config::{DType, ModelConfig, ModelFormat};
+
+pub struct MistralEngine {
+    model: Model,
+    model_id: String,
+    /// HF models are served from a directory of links we own, so `reload` can point it at new
+    /// weights and have mistral.rs reload from the same path. None for GGUF.
+    live_dir: Option<PathBuf>,
+    /// Held for writing during a reload so no request is sent to an unloaded model.
+    serving: RwLock<()>,
+    format: ModelFormat,
+}
+
+fn model_dtype(d: DType) -> ModelDType {
+    match d {
+        DType::F32 => ModelDType::F32,
+        DType::Bf16 => ModelDType::BF16,
+        DType::F16 => ModelDType::F16,
+    }
+}
+
+fn role(r: Role) -> TextMessageRole {
+    match r {
+        Role::System => TextMessageRole::System,
+        Role::User => TextMessageRole::User,
+        Role::Assistant => TextMessageRole::Assistant,
+    }
+}
+
+/// Files of an HF model directory that the engine reads.
+fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if path.is_file() && (name.ends_with(".json") || name.ends_with(".safetensors") || name.ends_with(".jinja")) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Checks that `dir` looks like an HF causal-LM directory before mistral.rs sees it, so a typo
+/// is an error naming the path and never a hub lookup.
+pub fn check_hf_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        bail!("model path {} does not exist", dir.display());
+    }
+    if !dir.is_dir() {
+        bail!("model path {} is not a directory (HF model directory expected)", dir.display());
+    }
+    for f in ["config.json", "tokenizer.json"] {
+        if !dir.join(f).is_file() {
+            bail!("model directory {} has no {f}", dir.display());
+        }
+    }
+    let has_weights = model_files(dir)?
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "safetensors"));
+    if !has_weights {
+        bail!("model directory {} has no *.safetensors weights", dir.display());
+    }
+    Ok(())
+}
+
+/// Replaces the links in `live` with links to every model file of `src`.
+fn link_model_dir(src: &Path, live: &Path) -> Result<()> {
+    std::fs::create_dir_all(live)?;
+    for old in std::fs::read_dir(live)? {
+        let p = old?.path();
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    let src = std::fs::canonicalize(src)?;
+    for f in model_files(&src)? {
+        let name = f.file_name().unwrap();
+        std::os::unix::fs::symlink(&f, live.join(name))
+            .with_context(|| format!("linking {} into {}", f.display(), live.display()))?;
+    }
+    Ok(())
+}
+
+impl MistralEngine {
+    pub async fn load(model: &ModelConfig, engine: &EngineConfig) -> Result<Self> {
+        let format = match model.format {
+            ModelFormat::Auto if model.path.extension().is_some_and(|e| e == "gguf") => ModelFormat::Gguf,
+            ModelFormat::Auto => ModelFormat::Safetensors,
+            f => f,
+        };
+        // mistral.rs treats a missing path as a hub id and goes to the network; never let it.
+        if !model.path.exists() {
+            bail!("model path {} does not exist", model.path.display());
+        }
+        // mistral.rs 0.8.1 ignores HF_HUB_OFFLINE; with no token and an empty hub cache it
+        // cannot quietly reach for anything else.
+        let (built, live_dir) = match format {
+            ModelFormat::Gguf => {
+                if !model.path.is_file() {
+                    bail!("GGUF model path {} is not a file", model.path.display());
+                }
+                let dir = model.path.parent().unwrap_or(Path::new(".")).to_string_lossy().to_string();
+                let file = model.path.file_name().unwrap().to_string_lossy().to_string();
+                let mut b = GgufModelBuilder::new(dir, vec![file])
+                    .with_token_source(TokenSource::None)
+                    .with_max_num_seqs(engine.max_num_seqs)
+                    .with_prefix_cache_n(None);
+                if let Some(pa) = paged_attention(engine)? {
+                    b = b.with_paged_attn(pa);
+                }
+                (b.build().await, None)
+            }
+            ModelFormat::Safetensors | ModelFormat::Auto => {
+                check_hf_dir(&model.path)?;
+                let live = live_dir_for(&model.path)?;
+                link_model_dir(&model.path, &live)?;
+                let mut b = TextModelBuilder::new(live.to_string_lossy())
+                    .with_dtype(model_dtype(model.dtype))
+                    .with_token_source(TokenSource::None)
+                    .with_max_num_seqs(engine.max_num_seqs)
+                    .with_prefix_cache_n(None);
+                if let Some(pa) = paged_attention(engine)? {
+                    b = b.with_paged_attn(pa);
+                }
+                (b.build().await, Some(live))
+            }
+        };
+        let model_handle = built.with_context(|| format!("loading model {}", model.path.display()))?;
+        let model_id = model_handle
+            .get_default_model_id()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .context("mistral.rs has no default model after loading")?;
+        Ok(Self {
+            model: model_handle,
+            model_id,
+            live_dir,
+            serving: RwLock::new(()),
+            format,
+        })
+    }
+
+    /// The mistral.rs handle, for plain (non-recording) requests such as the benchmark baseline.
+    pub fn raw(&self) -> &Model {
+        &self.model
+    }
+
+    pub async fn detokenize(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.model
+            .detokenize(ids.to_vec(), skip_special)
+            .await
+            .map_err(|e| anyhow::anyhow!("detokenize: {e}"))
+    }
+
+    /// A request carrying our recording sampler; the engine's own sampler stays greedy.
+    pub fn request(
+        messages: &[ChatMessage],
+        sampling: &SamplingConfig,
+        sampler: Arc<RecordingSampler>,
+    ) -> RequestBuilder {
+        // `set_deterministic_sampler` would wipe max_len: start from the builder's greedy
+        // defaults and set the length afterwards.
+        let mut r = RequestBuilder::new();
+        for m in messages {
+            r = r.add_message(role(m.role), &m.content);
+        }
+        r = r
+            .set_sampler_max_len(sampling.max_new_tokens)
+            .add_logits_processor(sampler);
+        if !sampling.stop.is_empty() {
+            r = r.set_sampler_stop_toks(StopTokens::Seqs(sampling.stop.clone()));
+        }
+        r
+    }
+}
+
+fn paged_attention(engine: &EngineConfig) -> Result<Option<mistralrs::PagedAttentionConfig>> {
+    let pa = &engine.paged_attention;
+    if !pa.enabled {
+        return Ok(None);
+    }
+    if !cfg!(feature = "cuda") {
+        bail!("engine.paged_attention.enabled: paged attention needs a CUDA build (--features cuda)");
+    }
+    Ok(Some(
+        PagedAttentionMetaBuilder::default()
+            .with_block_size(pa.block_size)
+            .with_gpu_memory(MemoryGpuConfig::Utilization(pa.memory_fraction as f32))
+            .build()?,
+    ))
+}
+
+/// A per-process directory of links next to nothing the user owns.
+fn live_dir_for(model: &Path) -> Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!("orchestrator-live-{}", std::process::id()));
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(base.join(format!("{n}-{name}")))
+}
+
+impl Drop for MistralEngine {
+    fn drop(&mut self) {
+        if let Some(live) = &self.live_dir {
+            let _ = std::fs::remove_dir_all(live);
+        }
+    }
+}
+
+fn finish_reason(s: &str) -> FinishReason {
+    match s {
+        "length" => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
+}
+
+#[async_trait]
+impl Engine for MistralEngine {
+    async fn generate_into(
+        &self,
+        requests: &[GenRequest],
+        sampling: &SamplingConfig,
+        done: mpsc::UnboundedSender<Rollout>,
+    ) -> Result<()> {
+        let _serving = self.serving.read().await;
+        let params = TokenSampling::from(sampling);
+        // Every sample is its own request with its own sampler; submitting them all at once
+        // lets mistral.rs batch a prompt's n copies together.
+        let mut inflight = FuturesUnordered::new();
+        for (ri, req) in requests.iter().enumerate() {
+            for si in 0..req.n {
+                let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)));
+                let builder = Self::request(&req.messages, sampling, sampler.clone());
+                inflight.push(async move {
+                    let resp = self.model.send_chat_request(builder).await;
+                    (ri, si, sampler, resp)
+                });
+            }
+        }
+        while let Some((ri, si, sampler, resp)) = inflight.next().await {
+            let resp = resp.map_err(|e| anyhow::anyhow!("generation failed (request {ri}, sample {si}): {e}"))?;
+            let choice = resp
+                .choices
+                .into_iter()
+                .next()
+                .context("mistral.rs returned no choice")?;
+            let (prompt_ids, ids, logprobs) = sampler.take();
+            if ids.len() != resp.usage.completion_tokens {
+                bail!(
+                    "sampler recorded {} tokens but the engine reports {} (request {ri}, sample {si})",
+                    ids.len(),
+                    resp.usage.completion_tokens
+                );
+            }
+            let rollout = Rollout {
+                request: ri,
+                sample: si,
+                prompt_ids,
+                ids,
+                logprobs,
+                finish_reason: finish_reason(&choice.finish_reason),
+                text: choice.message.content.unwrap_or_default(),
+            };
+            // A closed receiver means the caller gave up on this batch; finishing is harmless.
+            let _ = done.send(rollout);
+        }
+        Ok(())
+    }
+
+    async fn reload(&self, dir: &Path) -> Result<()> {
+        let Some(live) = &self.live_dir else {
+            bail!(
+                "reload needs an HF safetensors model; this engine serves a {:?} file \
+                 (convert it with `orchestrator import gguf`)",
+                self.format
+            );
+        };
+        check_hf_dir(dir)?;
+        let _exclusive = self.serving.write().await;
+        self.model
+            .unload_model(&self.model_id)
+            .map_err(|e| anyhow::anyhow!("unloading model for reload: {e}"))?;
+        let relinked = link_model_dir(dir, live);
+        let reloaded = match relinked {
+            Ok(()) => self.model.reload_model(&self.model_id).await.map_err(|e| anyhow::anyhow!("{e}")),
+            Err(e) => Err(e),
+        };
+        // Unloading clears the default model; every later request would fail as
+        // `EnginePoisoned` until it is set again.
+        self.model
+            .set_default_model_id(&self.model_id)
+            .map_err(|e| anyhow::anyhow!("restoring default model after reload: {e}"))?;
+        reloaded.with_context(|| format!("reloading weights from {}", dir.display()))
+    }
+}

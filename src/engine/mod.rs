@@ -1,0 +1,230 @@
+//! The rollout engine: chat prompts in, sampled token ids with their natural-log probabilities
+//! out. The trainer sees only the [`Engine`] trait; `mistral.rs` is one implementation.
+
+pub mod bench;
+pub mod mistral;
+pub mod sampler;
+
+use std::path::Path;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::Problems;
+
+pub use mistral::MistralEngine;
+pub use sampler::SeedKey;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Sequences the engine runs at once (mistral.rs scheduler).
+    pub max_num_seqs: usize,
+    pub sampling: SamplingConfig,
+    pub paged_attention: PagedAttentionConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 32,
+            sampling: SamplingConfig::default(),
+            paged_attention: PagedAttentionConfig::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self, key: &str, p: &mut Problems) {
+        if self.max_num_seqs == 0 {
+            p.push(&format!("{key}.max_num_seqs"), "must be >= 1, got 0");
+        }
+        self.sampling.validate(&format!("{key}.sampling"), p);
+        self.paged_attention
+            .validate(&format!("{key}.paged_attention"), p);
+    }
+}
+
+/// Sampling settings for rollouts. `temperature = 0` is greedy decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    pub temperature: f64,
+    /// Nucleus mass in (0, 1]; 1 disables it.
+    pub top_p: f64,
+    /// 0 disables it.
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Generation stops once the text ends with one of these (the ids keep the tokens sampled).
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 256,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            max_new_tokens,
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self, key: &str, p: &mut Problems) {
+        p.at_least(&format!("{key}.temperature"), self.temperature, 0.0);
+        p.open_closed(&format!("{key}.top_p"), self.top_p, 0.0, 1.0);
+        if self.max_new_tokens == 0 {
+            p.push(&format!("{key}.max_new_tokens"), "must be >= 1, got 0");
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            p.push(&format!("{key}.stop"), "stop strings must not be empty");
+        }
+    }
+}
+
+/// Paged attention for the KV cache. Only CUDA builds (`--features cuda`) have it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PagedAttentionConfig {
+    pub enabled: bool,
+    pub block_size: usize,
+    /// Share of free GPU memory given to the KV cache.
+    pub memory_fraction: f64,
+}
+
+impl Default for PagedAttentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            block_size: 32,
+            memory_fraction: 0.9,
+        }
+    }
+}
+
+impl PagedAttentionConfig {
+    pub fn validate(&self, key: &str, p: &mut Problems) {
+        if !self.enabled {
+            return;
+        }
+        if !cfg!(feature = "cuda") {
+            p.push(
+                &format!("{key}.enabled"),
+                "paged attention needs a CUDA build (cargo build --release --features cuda, \
+                 see scripts/build-cuda.sh); this binary is CPU-only",
+            );
+        }
+        if ![8, 16, 32, 64, 128].contains(&self.block_size) {
+            p.push(
+                &format!("{key}.block_size"),
+                format!("must be one of 8, 16, 32, 64, 128, got {}", self.block_size),
+            );
+        }
+        p.open_closed(&format!("{key}.memory_fraction"), self.memory_fraction, 0.0, 1.0);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// One prompt to sample `n` answers for. `seed` fixes every sample's random stream:
+/// sample `i` draws from (seed, i, position) only, whatever else shares the batch.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub messages: Vec<ChatMessage>,
+    pub n: usize,
+    pub seed: SeedKey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// One sampled answer with the exact ids the engine produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Index of the request in the batch.
+    pub request: usize,
+    /// Index of the sample within its request (0..n).
+    pub sample: usize,
+    /// Prompt ids after the chat template, exactly as the engine saw them.
+    pub prompt_ids: Vec<u32>,
+    /// Sampled ids, including a final end-of-sequence token when one was sampled.
+    pub ids: Vec<u32>,
+    /// ln softmax(logits / T)[id] over the full vocabulary, before top-p/top-k truncation
+    /// (T = 1 for greedy decoding).
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+    pub text: String,
+}
+
+/// What the trainer needs from a generator of rollouts.
+#[async_trait]
+pub trait Engine: Send + Sync {
+    /// Samples every request's `n` answers; each rollout is sent on `done` as soon as it
+    /// finishes, so callers can judge early rollouts while later ones still generate.
+    async fn generate_into(
+        &self,
+        requests: &[GenRequest],
+        sampling: &SamplingConfig,
+        done: mpsc::UnboundedSender<Rollout>,
+    ) -> Result<()>;
+
+    /// Swaps in the weights of the HF model directory `dir` (same architecture and tokenizer).
+    async fn reload(&self, dir: &Path) -> Result<()>;
+
+    /// All rollouts, grouped by request and ordered by sample index.
+    async fn generate(
+        &self,
+        requests: &[GenRequest],
+        sampling: &SamplingConfig,
+    ) -> Result<Vec<Vec<Rollout>>> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.generate_into(requests, sampling, tx).await?;
+        let mut out: Vec<Vec<Rollout>> = requests.iter().map(|_| Vec::new()).collect();
+        while let Some(r) = rx.recv().await {
+            out[r.request].push(r);
+        }
+        for group in &mut out {
+            group.sort_by_key(|r| r.sample);
+        }
+        Ok(out)
+    }
+}

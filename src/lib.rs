@@ -1,0 +1,17 @@
+//! orchestrator: Writing-RL (arXiv 2506.05760) in one binary. See DESIGN.md for the method and
+//! the shape of a training step.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod fsutil;
+pub mod judge;
+pub mod progress;
+pub mod tiny;
+
+/// Proof that libtorch is linked and usable: a 2x2 matmul through tch.
+pub fn libtorch_matmul_check() -> Vec<f32> {
+    let a = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([2, 2]);
+    let b = tch::Tensor::from_slice(&[5.0f32, 6.0, 7.0, 8.0]).reshape([2, 2]);
+    Vec::<f32>::try_from(a.matmul(&b).reshape([4])).expect("f32 tensor")
+}

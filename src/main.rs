@@ -1,0 +1,115 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use orchestrator::cli;
+use orchestrator::config::Config;
+
+#[derive(Parser)]
+#[command(name = "orchestrator", version, about = "Writing-RL trainer: mistral.rs rollouts, LLM-judge rewards, tch learner")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file (and environment overrides) without loading any weights.
+    Check { config: PathBuf },
+    /// Sample answers for a JSONL file of prompts.
+    Generate(cli::generate::GenerateArgs),
+    /// Print throughput benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Write a small random HF model directory (Llama or Qwen2 layout), as the tests use.
+    TinyModel {
+        #[arg(long, default_value = "llama")]
+        arch: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Tokens/s of our recording sampler vs plain mistral.rs requests, and their ratio.
+    Engine {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Overrides engine.sampling.max_new_tokens.
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+    },
+}
+
+async fn dispatch(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            println!(
+                "ok: {} (model {}, {:?})",
+                config.display(),
+                cfg.model.path.display(),
+                cfg.model_format()
+            );
+            Ok(())
+        }
+        Command::Generate(args) => cli::generate::run(args).await,
+        Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens }) => {
+            let mut cfg = Config::load(&config)?;
+            if let Some(m) = max_new_tokens {
+                cfg.engine.sampling.max_new_tokens = m;
+            }
+            let max_batch = batches.iter().copied().max().unwrap_or(1);
+            cfg.engine.max_num_seqs = cfg.engine.max_num_seqs.max(max_batch);
+            let engine = orchestrator::engine::MistralEngine::load(&cfg.model, &cfg.engine).await?;
+            println!(
+                "model {} | T={} top_p={} top_k={} max_new_tokens={} | {} repeats",
+                cfg.model.path.display(),
+                cfg.engine.sampling.temperature,
+                cfg.engine.sampling.top_p,
+                cfg.engine.sampling.top_k,
+                cfg.engine.sampling.max_new_tokens,
+                repeats
+            );
+            orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats).await?;
+            Ok(())
+        }
+        Command::TinyModel { arch, seed, out } => {
+            let spec = match arch.as_str() {
+                "llama" => orchestrator::tiny::TinySpec::llama(seed),
+                "qwen2" => orchestrator::tiny::TinySpec::qwen2(seed),
+                other => anyhow::bail!("--arch must be llama or qwen2, got {other}"),
+            };
+            spec.write(&out)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Progress for long work: an indicatif bar on a terminal, a plain line every few seconds
+//! otherwise (CI logs, `nohup`), both with counts, rate and ETA.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Progress {
+    bar: ProgressBar,
+    what: String,
+    plain: Option<Mutex<Instant>>,
+}
+
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+impl Progress {
+    pub fn new(len: u64, what: &str) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = ProgressBar::new(len);
+        bar.set_draw_target(if terminal {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{what} [{{elapsed_precise}}] {{bar:30.cyan/blue}} {{pos}}/{{len}} ({{per_sec}}, ETA {{eta}}) {{msg}}"
+            ))
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Self {
+            bar,
+            what: what.to_string(),
+            plain: (!terminal).then(|| Mutex::new(Instant::now())),
+        }
+    }
+
+    pub fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        self.maybe_line(false);
+    }
+
+    pub fn set_message(&self, msg: impl Into<String>) {
+        self.bar.set_message(msg.into());
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish();
+        self.maybe_line(true);
+    }
+
+    fn maybe_line(&self, force: bool) {
+        let Some(last) = &self.plain else { return };
+        let mut last = last.lock().unwrap();
+        if force || last.elapsed() >= PLAIN_EVERY {
+            *last = Instant::now();
+            let b = &self.bar;
+            eprintln!(
+                "{}: {}/{} ({:.1}/s, elapsed {:.0}s, ETA {:.0}s) {}",
+                self.what,
+                b.position(),
+                b.length().unwrap_or(0),
+                b.per_sec(),
+                b.elapsed().as_secs_f64(),
+                b.eta().as_secs_f64(),
+                b.message()
+            );
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The binary: config checking, `generate`, and libtorch being linked.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use orchestrator::config::Config;
+use orchestrator::tiny::TinySpec;
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn load_err(path: &Path, env: &[(&str, &str)]) -> String {
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    format!("{:#}", Config::load_with_env(path, env).expect_err("must fail"))
+}
+
+#[test]
+fn libtorch_is_linked() {
+    assert_eq!(orchestrator::libtorch_matmul_check(), vec![19.0, 22.0, 43.0, 50.0]);
+}
+
+#[test]
+fn config_errors_name_the_file_and_key_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let base = "[model]\npath = \"m\"\n";
+
+    let p = write(d, "range.toml", &format!("{base}[engine.sampling]\ntop_p = 1.7\n"));
+    let e = load_err(&p, &[]);
+    assert!(e.contains("range.toml"), "{e}");
+    assert!(e.contains("engine.sampling.top_p: must be in (0, 1], got 1.7"), "{e}");
+
+    let p = write(d, "unknown.toml", &format!("{base}[engine.sampling]\ntop_q = 0.5\n"));
+    let e = load_err(&p, &[]);
+    assert!(e.contains("unknown.toml") && e.contains("engine.sampling") && e.contains("top_q"), "{e}");
+
+    let p = write(d, "type.toml", &format!("{base}[engine]\nmax_num_seqs = \"many\"\n"));
+    let e = load_err(&p, &[]);
+    assert!(e.contains("type.toml") && e.contains("engine.max_num_seqs"), "{e}");
+
+    let p = write(d, "section.toml", &format!("{base}[enigne]\nmax_num_seqs = 2\n"));
+    let e = load_err(&p, &[]);
+    assert!(e.contains("enigne"), "{e}");
+
+    let p = write(d, "syntax.toml", "[model\npath = 1\n");
+    let e = load_err(&p, &[]);
+    assert!(e.contains("syntax.toml") && e.contains("line 1"), "{e}");
+
+    let p = write(d, "nomodel.toml", "[engine]\nmax_num_seqs = 2\n");
+    let e = load_err(&p, &[]);
+    assert!(e.contains("model"), "{e}");
+
+    // Several problems are reported together.
+    let p = write(d, "many.toml", &format!("{base}[engine]\nmax_num_seqs = 0\n[engine.sampling]\ntemperature = -1\nmax_new_tokens = 0\n"));
+    let e = load_err(&p, &[]);
+    for key in ["engine.max_num_seqs", "engine.sampling.temperature", "engine.sampling.max_new_tokens"] {
+        assert!(e.contains(key), "{key} missing in {e}");
+    }
+
+    // Paged attention needs the CUDA build.
+    let p = write(d, "paged.toml", &format!("{base}[engine.paged_attention]\nenabled = true\n"));
+    if cfg!(feature = "cuda") {
+        Config::load_with_env(&p, vec![]).unwrap();
+    } else {
+        let e = load_err(&p, &[]);
+        assert!(e.contains("engine.paged_attention.enabled") && e.contains("CUDA"), "{e}");
+    }
+}
+
+#[test]
+fn environment_overrides_are_typed_and_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write(tmp.path(), "c.toml", "[model]\npath = \"m\"\n[engine.sampling]\ntop_p = 0.9\n");
+    let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let cfg = Config::load_with_env(&p, env("ORCHESTRATOR__ENGINE__SAMPLING__TOP_P", "0.5")).unwrap();
+    assert_eq!(cfg.engine.sampling.top_p, 0.5);
+    let cfg = Config::load_with_env(&p, env("ORCHESTRATOR__ENGINE__SAMPLING__STOP", "\n\n,END")).unwrap();
+    assert_eq!(cfg.engine.sampling.stop, vec!["\n\n".to_string(), "END".to_string()]);
+    let cfg = Config::load_with_env(&p, env("ORCHESTRATOR__MODEL__PATH", "/abs/model")).unwrap();
+    assert_eq!(cfg.model.path, Path::new("/abs/model"));
+    // Relative paths resolve against the config file's directory.
+    let cfg = Config::load_with_env(&p, vec![]).unwrap();
+    assert_eq!(cfg.model.path, tmp.path().join("m"));
+
+    let e = load_err(&p, &[("ORCHESTRATOR__ENGINE__SAMPLING__TOP_P", "2")]);
+    assert!(e.contains("engine.sampling.top_p: must be in (0, 1], got 2"), "{e}");
+    let e = load_err(&p, &[("ORCHESTRATOR__ENGINE__SAMPLING__TOP_P", "high")]);
+    assert!(e.contains("engine.sampling.top_p") && e.contains("ORCHESTRATOR__ENGINE__SAMPLING__TOP_P"), "{e}");
+    let e = load_err(&p, &[("ORCHESTRATOR__ENGINE__NOPE", "1")]);
+    assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn check_passes_on_every_shipped_config_and_fails_on_a_bad_one() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(common::bin()).arg("check").arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "expected the shipped configs, found {n}");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = write(tmp.path(), "bad.toml", "[model]\npath = \"m\"\n[engine.sampling]\ntop_p = 1.7\n");
+    let t = std::time::Instant::now();
+    let out = Command::new(common::bin()).arg("check").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("engine.sampling.top_p: must be in (0, 1], got 1.7"), "{err}");
+    assert!(t.elapsed().as_secs_f64() < 5.0);
+}
+
+#[test]
+fn generate_writes_samples_and_rejects_bad_lines() {
+    common::init();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::llama(1));
+    let (cfg_path, _) = common::config_for(tmp.path(), &model, "[engine.sampling]\nmax_new_tokens = 12\n[run]\nseed = 5\n");
+    let prompts = write(
+        tmp.path(),
+        "prompts.jsonl",
+        "{\"id\": \"a\", \"prompt\": \"Write a poem.\"}\n{\"id\": 2, \"prompt\": \"Describe a market.\", \"system\": \"Be brief.\", \"references\": [\"x\"]}\n",
+    );
+    let out = tmp.path().join("out.jsonl");
+    let run = |prompts: &Path, out: &Path| {
+        Command::new(common::bin())
+            .args(["generate", "--n", "3", "--with-tokens", "--config"])
+            .arg(&cfg_path)
+            .arg("--prompts")
+            .arg(prompts)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let o = run(&prompts, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines[0]["id"], "a");
+    assert_eq!(lines[3]["id"], "2");
+    assert_eq!(lines[5]["sample"], 2);
+    for l in &lines {
+        let n = l["ids"].as_array().unwrap().len();
+        assert_eq!(n, l["completion_tokens"].as_u64().unwrap() as usize);
+        assert_eq!(n, l["logprobs"].as_array().unwrap().len());
+        assert!(n >= 1 && n <= 12);
+    }
+    // Same seed from the config: a rerun is identical.
+    let out2 = tmp.path().join("out2.jsonl");
+    assert!(run(&prompts, &out2).status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+
+    // A bad line names FILE:LINE and the existing output is left as it was.
+    let before = std::fs::read(&out).unwrap();
+    let bad = write(tmp.path(), "bad.jsonl", "{\"prompt\": \"ok\"}\n\n{\"prompt\": 3}\n");
+    let o = run(&bad, &out);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad.jsonl:3"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    let empty = write(tmp.path(), "empty.jsonl", "{\"prompt\": \"  \"}\n");
+    let err = String::from_utf8_lossy(&run(&empty, &out).stderr).to_string();
+    assert!(err.contains("empty.jsonl:1") && err.contains("empty prompt"), "{err}");
+}
