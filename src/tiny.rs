@@ -172,7 +172,8 @@ impl TinySpec {
             let vals = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
             w.insert(name, (vec![rows, cols], vals));
         };
-        mat("model.embed_tokens.weight".into(), v, h, (h as f32).sqrt(), &mut rng);
+        // Tied or not, logits come out with a standard deviation of about 2.
+        mat("model.embed_tokens.weight".into(), v, h, 2.0, &mut rng);
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
             mat(format!("{p}.self_attn.q_proj.weight"), h, h, 1.0, &mut rng);
@@ -240,7 +241,7 @@ pub fn train_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
             .min_frequency(1)
             .show_progress(false)
             .special_tokens(specials.clone())
-            .initial_alphabet(ByteLevel::alphabet())
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build(),
     );
     let corpus: Vec<String> = CORPUS.iter().map(|s| s.to_string()).collect();

@@ -56,10 +56,10 @@ async fn plain(engine: &MistralEngine, batch: usize, s: &SamplingConfig) -> Resu
         r
     });
     let t = Instant::now();
-    let res = join_all(reqs.map(|r| engine.raw().send_chat_request(r))).await;
+    let res = join_all(reqs.map(|r| engine.send(r))).await;
     let mut tokens = 0;
     for r in res {
-        tokens += r.map_err(|e| anyhow::anyhow!("{e}"))?.usage.completion_tokens;
+        tokens += r?.usage.completion_tokens;
     }
     Ok((tokens, t.elapsed().as_secs_f64()))
 }

@@ -7,10 +7,10 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use futures::stream::{FuturesUnordered, StreamExt};
 use mistralrs::{
-    GgufModelBuilder, MemoryGpuConfig, Model, ModelDType, PagedAttentionMetaBuilder,
+    ChatCompletionResponse, GgufModelBuilder, MemoryGpuConfig, Model, ModelDType, PagedAttentionMetaBuilder,
     RequestBuilder, StopTokens, TextMessageRole, TextModelBuilder, TokenSource,
 };
-use tokio::sync::{mpsc, RwLock};
+use tokio::sync::{mpsc, RwLock, Semaphore};
 
 use super::sampler::{RecordingSampler, TokenSampling};
 use super::{ChatMessage, Engine, EngineConfig, FinishReason, GenRequest, Role, Rollout, SamplingConfig};
@@ -24,6 +24,8 @@ pub struct MistralEngine {
     live_dir: Option<PathBuf>,
     /// Held for writing during a reload so no request is sent to an unloaded model.
     serving: RwLock<()>,
+    /// Bounds requests in flight (see [`CpuBatching`]).
+    inflight: Semaphore,
     format: ModelFormat,
 }
 
@@ -96,8 +98,37 @@ fn link_model_dir(src: &Path, live: &Path) -> Result<()> {
     Ok(())
 }
 
+/// mistral.rs 0.8.1's CPU decode attention (`flash_attn_cpu_single_q`) keeps its per-tile
+/// scratch per head but not per batch element, so when two different sequences share a decode
+/// step every one of them gets the last one's attention output. Its scheduler also batches
+/// every waiting sequence of equal length whatever `max_num_seqs` says. On CPU we therefore
+/// have one request in the engine at a time (exact results, no batching speed-up); CUDA builds
+/// use other kernels and keep the configured concurrency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuBatching {
+    /// One request in flight on CPU builds (the default everywhere).
+    Serial,
+    /// Send requests concurrently even on CPU: only for measuring the upstream defect.
+    AllowBroken,
+}
+
+/// Requests the engine may have in flight at once in this build.
+pub fn request_concurrency(max_num_seqs: usize, batching: CpuBatching) -> usize {
+    if cfg!(feature = "cuda") || batching == CpuBatching::AllowBroken {
+        max_num_seqs
+    } else {
+        1
+    }
+}
+
 impl MistralEngine {
     pub async fn load(model: &ModelConfig, engine: &EngineConfig) -> Result<Self> {
+        Self::load_with(model, engine, CpuBatching::Serial).await
+    }
+
+    pub async fn load_with(model: &ModelConfig, engine: &EngineConfig, batching: CpuBatching) -> Result<Self> {
+        let max_num_seqs = engine.max_num_seqs;
+        let concurrency = request_concurrency(max_num_seqs, batching);
         let format = match model.format {
             ModelFormat::Auto if model.path.extension().is_some_and(|e| e == "gguf") => ModelFormat::Gguf,
             ModelFormat::Auto => ModelFormat::Safetensors,
@@ -118,7 +149,7 @@ impl MistralEngine {
                 let file = model.path.file_name().unwrap().to_string_lossy().to_string();
                 let mut b = GgufModelBuilder::new(dir, vec![file])
                     .with_token_source(TokenSource::None)
-                    .with_max_num_seqs(engine.max_num_seqs)
+                    .with_max_num_seqs(max_num_seqs)
                     .with_prefix_cache_n(None);
                 if let Some(pa) = paged_attention(engine)? {
                     b = b.with_paged_attn(pa);
@@ -132,7 +163,7 @@ impl MistralEngine {
                 let mut b = TextModelBuilder::new(live.to_string_lossy())
                     .with_dtype(model_dtype(model.dtype))
                     .with_token_source(TokenSource::None)
-                    .with_max_num_seqs(engine.max_num_seqs)
+                    .with_max_num_seqs(max_num_seqs)
                     .with_prefix_cache_n(None);
                 if let Some(pa) = paged_attention(engine)? {
                     b = b.with_paged_attn(pa);
@@ -150,13 +181,24 @@ impl MistralEngine {
             model_id,
             live_dir,
             serving: RwLock::new(()),
+            inflight: Semaphore::new(concurrency),
             format,
         })
     }
 
-    /// The mistral.rs handle, for plain (non-recording) requests such as the benchmark baseline.
+    /// The mistral.rs handle, for tokenizer and model queries. Send requests through
+    /// [`MistralEngine::send`], which respects the engine's concurrency bound.
     pub fn raw(&self) -> &Model {
         &self.model
+    }
+
+    /// Sends one chat request once a slot is free (one at a time on CPU, see [`CpuBatching`]).
+    pub async fn send(&self, request: RequestBuilder) -> Result<ChatCompletionResponse> {
+        let _slot = self.inflight.acquire().await.expect("semaphore never closed");
+        self.model
+            .send_chat_request(request)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub async fn detokenize(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -241,21 +283,21 @@ impl Engine for MistralEngine {
     ) -> Result<()> {
         let _serving = self.serving.read().await;
         let params = TokenSampling::from(sampling);
-        // Every sample is its own request with its own sampler; submitting them all at once
-        // lets mistral.rs batch a prompt's n copies together.
+        // Every sample is its own request with its own sampler. All are queued at once: on CUDA
+        // mistral.rs batches them; on CPU the semaphore lets one through at a time.
         let mut inflight = FuturesUnordered::new();
         for (ri, req) in requests.iter().enumerate() {
             for si in 0..req.n {
                 let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)));
                 let builder = Self::request(&req.messages, sampling, sampler.clone());
                 inflight.push(async move {
-                    let resp = self.model.send_chat_request(builder).await;
+                    let resp = self.send(builder).await;
                     (ri, si, sampler, resp)
                 });
             }
         }
         while let Some((ri, si, sampler, resp)) = inflight.next().await {
-            let resp = resp.map_err(|e| anyhow::anyhow!("generation failed (request {ri}, sample {si}): {e}"))?;
+            let resp = resp.with_context(|| format!("generation failed (request {ri}, sample {si})"))?;
             let choice = resp
                 .choices
                 .into_iter()
@@ -269,15 +311,16 @@ impl Engine for MistralEngine {
                     resp.usage.completion_tokens
                 );
             }
-            let rollout = Rollout {
-                request: ri,
-                sample: si,
-                prompt_ids,
-                ids,
-                logprobs,
-                finish_reason: finish_reason(&choice.finish_reason),
-                text: choice.message.content.unwrap_or_default(),
-            };
+            let finish = finish_reason(&choice.finish_reason);
+            // The text is the decode of exactly these ids (mistral.rs's streamed content can
+            // differ on invalid UTF-8), cut before the first stop string like the engine does.
+            let mut text = self.detokenize(&ids, true).await?;
+            if finish == FinishReason::Stop {
+                if let Some(cut) = sampling.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    text.truncate(cut);
+                }
+            }
+            let rollout = Rollout { request: ri, sample: si, prompt_ids, ids, logprobs, finish_reason: finish, text };
             // A closed receiver means the caller gave up on this batch; finishing is harmless.
             let _ = done.send(rollout);
         }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Problems;
 
-pub use mistral::MistralEngine;
+pub use mistral::{CpuBatching, MistralEngine};
 pub use sampler::SeedKey;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
