@@ -1,11 +1,14 @@
 //! orchestrator: Writing-RL (arXiv 2506.05760) in one binary. See DESIGN.md for the method and
 //! the shape of a training step.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod fsutil;
+pub mod gguf;
 pub mod judge;
+pub mod metrics;
 pub mod progress;
 pub mod tiny;
 
