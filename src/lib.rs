@@ -7,6 +7,7 @@ pub mod engine;
 pub mod fsutil;
 pub mod judge;
 pub mod progress;
+pub mod reward;
 pub mod tiny;
 
 /// Proof that libtorch is linked and usable: a 2x2 matmul through tch.
