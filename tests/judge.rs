@@ -158,10 +158,10 @@ async fn fault_storm_ends_every_pair_scored_or_unscored_with_its_reason() {
         a[1].duration_since(a[0])
     };
     let secs = gap(4);
-    assert!(secs >= Duration::from_millis(990) && secs < Duration::from_millis(1500), "Retry-After: 1 -> waited {secs:?}");
+    assert!(secs >= Duration::from_millis(990) && secs < Duration::from_millis(1800), "Retry-After: 1 -> waited {secs:?}");
     // An HTTP date has whole-second precision: 2 s ahead means a wait of (1, 2] s.
     let date = gap(5);
-    assert!(date >= Duration::from_millis(900) && date < Duration::from_millis(2500), "Retry-After date -> waited {date:?}");
+    assert!(date >= Duration::from_millis(900) && date < Duration::from_millis(2900), "Retry-After date -> waited {date:?}");
     // The 400 was not retried.
     assert_eq!(arrivals(6).len(), 1);
     // The semaphore held: the server never saw more than 4 requests at once, and did see overlap.
@@ -617,4 +617,16 @@ async fn embedded_judge_on_the_tiny_model_in_both_modes() {
     cfg.labels.tie = "Tie-breaker!".into();
     let e = EmbeddedJudge::load(&cfg, &model).await.err().unwrap().to_string();
     assert!(e.contains("judge.labels.tie") && e.contains("single-token"), "{e}");
+}
+
+#[test]
+fn bench_judge_prints_the_ratio() {
+    let out = Command::new(common::bin())
+        .args(["bench", "judge", "--latency-ms", "20", "--concurrency", "4", "--calls", "40"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ideal C/L 200.0 calls/s") && stdout.contains("ratio "), "{stdout}");
+    assert!(stdout.contains("server max in flight 4") && stdout.contains("unscored 0"), "{stdout}");
 }
