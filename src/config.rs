@@ -23,6 +23,10 @@ pub struct Config {
     pub engine: EngineConfig,
     #[serde(default)]
     pub run: RunConfig,
+    #[serde(default)]
+    pub judge: crate::judge::JudgeConfig,
+    #[serde(default)]
+    pub reward: crate::reward::RewardConfig,
 }
 
 /// The policy model: an HF directory (config.json, tokenizer.json, safetensors) or a GGUF file.
@@ -157,12 +161,15 @@ impl Config {
         if self.model.path.is_relative() {
             self.model.path = base.join(&self.model.path);
         }
+        self.judge.resolve_paths(base);
     }
 
     /// Range checks; every problem is reported, each with its key path.
     pub fn validate(&self) -> Result<()> {
         let mut p = Problems::default();
         self.engine.validate("engine", &mut p);
+        self.judge.validate("judge", &mut p);
+        self.reward.validate("reward", &mut p);
         if p.0.is_empty() {
             Ok(())
         } else {

@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod judge;
 pub mod metrics;
 pub mod progress;
+pub mod reward;
 pub mod tiny;
 
 /// Proof that libtorch is linked and usable: a 2x2 matmul through tch.

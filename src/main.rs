@@ -20,6 +20,8 @@ enum Command {
     Check { config: PathBuf },
     /// Sample answers for a JSONL file of prompts.
     Generate(cli::generate::GenerateArgs),
+    /// Reward a JSONL file of (prompt, criteria?, response, reference) pairs with the judge.
+    Judge(cli::judge::JudgeArgs),
     /// Print throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -48,6 +50,15 @@ enum BenchCommand {
         #[arg(long)]
         max_new_tokens: Option<usize>,
     },
+    /// Judge calls/s against a scripted server with a fixed latency, and the ratio to C/L.
+    Judge {
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1280)]
+        calls: usize,
+    },
 }
 
 async fn dispatch(cmd: Command) -> Result<()> {
@@ -63,6 +74,10 @@ async fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => cli::generate::run(args).await,
+        Command::Judge(args) => cli::judge::run(args).await,
+        Command::Bench(BenchCommand::Judge { latency_ms, concurrency, calls }) => {
+            cli::judge::bench(latency_ms, concurrency, calls).await
+        }
         Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens }) => {
             let mut cfg = Config::load(&config)?;
             if let Some(m) = max_new_tokens {

@@ -1,3 +1,4 @@
 //! Subcommand implementations; `main.rs` only parses arguments.
 
 pub mod generate;
+pub mod judge;

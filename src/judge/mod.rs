@@ -1,8 +1,22 @@
 //! The judge: compares two answers to one writing prompt, or rates one answer.
 //! Implementations sit behind [`Judge`]; the reward, selection and evaluation code use only it.
 
+pub mod config;
+pub mod embedded;
+pub mod openai;
+pub mod scripted;
+pub mod templates;
+pub mod verdict;
+
+use std::sync::Arc;
+
+use anyhow::Result;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+
+pub use config::{EmbeddedConfig, JudgeConfig, JudgeKind, OpenAiConfig, VerdictMode};
+pub use embedded::EmbeddedJudge;
+pub use openai::OpenAiJudge;
 
 /// Which of the two answers, in the order the judge read them, it preferred.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,8 +80,41 @@ pub struct RatingOutput {
     pub retries: u32,
 }
 
+/// Whether the judge can be used. A judge whose circuit breaker is open answers every call
+/// with `Unscored` at once; the trainer should pause or stop instead of collecting those.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum JudgeHealth {
+    Up,
+    Down {
+        consecutive_failures: u32,
+        last_error: String,
+        /// Seconds until the breaker lets one probe call through.
+        retry_in_secs: f64,
+    },
+}
+
 #[async_trait]
 pub trait Judge: Send + Sync {
     async fn compare(&self, c: Comparison<'_>) -> JudgeOutput;
     async fn rate(&self, prompt: &str, criteria: Option<&str>, answer: &str) -> RatingOutput;
+    /// Circuit-breaker state; judges without one are always up.
+    fn health(&self) -> JudgeHealth {
+        JudgeHealth::Up
+    }
+}
+
+impl JudgeOutput {
+    pub fn unscored(reason: impl Into<String>, raw: String, latency_ms: u64, retries: u32) -> Self {
+        Self { judgement: Judgement::Unscored { reason: reason.into() }, raw, latency_ms, retries }
+    }
+}
+
+/// Builds the judge `[judge]` describes; `policy` is the `[model]` section, used by an embedded
+/// judge that has no model of its own.
+pub async fn from_config(judge: &JudgeConfig, policy: &crate::config::ModelConfig) -> Result<Arc<dyn Judge>> {
+    Ok(match judge.kind {
+        JudgeKind::Openai => Arc::new(OpenAiJudge::new(judge)?),
+        JudgeKind::Embedded => Arc::new(EmbeddedJudge::load(judge, &judge.embedded_model(policy)).await?),
+    })
 }

@@ -1,0 +1,266 @@
+//! [`Judge`] on a model inside this process: a second mistral.rs model (or the policy's own
+//! base weights, loaded again and never updated).
+//!
+//! `generate` mode decodes greedily and parses the reply like any other judge's.
+//! `label-probability` mode asks for the bare label and reads the logits at the first generated
+//! position through a per-request logits processor; the verdict probabilities are the softmax
+//! of those logits restricted to the three label tokens. Labels must be single tokens of the
+//! judge's tokenizer, which [`EmbeddedJudge::load`] checks.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use either::Either;
+use mistralrs::{CustomLogitsProcessor, RequestBuilder, Tensor, TextMessageRole};
+
+use super::templates::Templates;
+use super::verdict::{self, Labels};
+use super::{Comparison, Judge, JudgeConfig, JudgeOutput, Judgement, RatingOutput, VerdictMode};
+use crate::config::ModelConfig;
+use crate::engine::{EngineConfig, MistralEngine};
+
+/// Captures the full logits of the first position it is called at, passing them through.
+#[derive(Default)]
+pub struct FirstLogits {
+    captured: Mutex<Option<(usize, Vec<f32>)>>,
+}
+
+impl FirstLogits {
+    pub fn take(&self) -> Option<Vec<f32>> {
+        self.captured.lock().unwrap().take().map(|c| c.1)
+    }
+}
+
+impl CustomLogitsProcessor for FirstLogits {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        let mut slot = self.captured.lock().unwrap();
+        // The engine may call twice at one position; later positions are not the label's.
+        if slot.as_ref().is_none_or(|(pos, _)| context.len() <= *pos) {
+            let values: Vec<f32> = logits
+                .to_dtype(mistralrs::DType::F32)?
+                .to_device(&mistralrs::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?;
+            *slot = Some((context.len(), values));
+        }
+        Ok(logits.clone())
+    }
+}
+
+pub struct EmbeddedJudge {
+    engine: MistralEngine,
+    templates: Templates,
+    labels: Labels,
+    /// Token ids of (first, second, tie) labels, in label-probability mode.
+    label_ids: Option<[u32; 3]>,
+    tie_margin: f64,
+    reask: bool,
+    max_new_tokens: usize,
+}
+
+impl EmbeddedJudge {
+    pub async fn load(judge: &JudgeConfig, model: &ModelConfig) -> Result<Self> {
+        let engine_cfg = EngineConfig { max_num_seqs: judge.embedded.max_num_seqs, ..Default::default() };
+        let engine = MistralEngine::load(model, &engine_cfg)
+            .await
+            .with_context(|| format!("loading the embedded judge model {}", model.path.display()))?;
+        let templates = Templates::load(judge.templates.as_deref())?;
+        let label_ids = match judge.mode {
+            VerdictMode::Generate => None,
+            VerdictMode::LabelProbability => Some(label_token_ids(&engine, &judge.labels).await?),
+        };
+        Ok(Self {
+            engine,
+            templates,
+            labels: judge.labels.clone(),
+            label_ids,
+            tie_margin: judge.tie_margin,
+            reask: judge.reask,
+            max_new_tokens: judge.embedded.max_new_tokens,
+        })
+    }
+
+    pub fn engine(&self) -> &MistralEngine {
+        &self.engine
+    }
+
+    /// (first, second, tie) label token ids; None in generate mode.
+    pub fn label_ids(&self) -> Option<[u32; 3]> {
+        self.label_ids
+    }
+
+    fn request(messages: &[(TextMessageRole, String)], max_len: usize) -> RequestBuilder {
+        let mut r = RequestBuilder::new();
+        for (role, text) in messages {
+            r = r.add_message(role.clone(), text);
+        }
+        r.set_sampler_max_len(max_len)
+    }
+
+    async fn generate(&self, messages: &[(TextMessageRole, String)]) -> Result<String> {
+        let resp = self
+            .engine
+            .send(Self::request(messages, self.max_new_tokens))
+            .await
+            .context("embedded judge generation failed")?;
+        let choice = resp.choices.into_iter().next().context("embedded judge returned no choice")?;
+        Ok(choice.message.content.unwrap_or_default())
+    }
+
+    /// Label probabilities at the first generated position, and the label the engine emitted.
+    async fn label_probs(&self, prompt: &str, ids: [u32; 3]) -> Result<(super::LabelProbs, String)> {
+        let capture = Arc::new(FirstLogits::default());
+        let req = Self::request(&[(TextMessageRole::User, prompt.to_string())], 1)
+            .add_logits_processor(capture.clone());
+        let resp = self.engine.send(req).await.context("embedded judge forward failed")?;
+        let text = resp
+            .choices
+            .into_iter()
+            .next()
+            .and_then(|c| c.message.content)
+            .unwrap_or_default();
+        let logits = capture.take().context("the logits processor saw no position")?;
+        let pick = |id: u32| -> Result<f32> {
+            logits.get(id as usize).copied().with_context(|| {
+                format!("label token {id} is outside the judge's vocabulary of {}", logits.len())
+            })
+        };
+        Ok((verdict::softmax3([pick(ids[0])?, pick(ids[1])?, pick(ids[2])?]), text))
+    }
+}
+
+/// Resolves the three labels to single token ids with the judge's own tokenizer.
+pub async fn label_token_ids(engine: &MistralEngine, labels: &Labels) -> Result<[u32; 3]> {
+    let mut ids = [0u32; 3];
+    for (i, (name, label)) in [("first", &labels.first), ("second", &labels.second), ("tie", &labels.tie)]
+        .into_iter()
+        .enumerate()
+    {
+        let toks = engine
+            .raw()
+            .tokenize(Either::Right(label.clone()), None, false, false, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("tokenizing judge label {label:?}: {e}"))?;
+        if toks.len() != 1 {
+            bail!(
+                "judge.labels.{name}: label {label:?} is {} tokens ({toks:?}) in the judge model's \
+                 tokenizer; label-probability mode needs single-token labels",
+                toks.len()
+            );
+        }
+        ids[i] = toks[0];
+    }
+    if ids[0] == ids[1] || ids[0] == ids[2] || ids[1] == ids[2] {
+        bail!("judge.labels: two labels map to the same token ({ids:?})");
+    }
+    Ok(ids)
+}
+
+fn ms(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
+}
+
+#[async_trait]
+impl Judge for EmbeddedJudge {
+    async fn compare(&self, c: Comparison<'_>) -> JudgeOutput {
+        let start = Instant::now();
+        if let Some(ids) = self.label_ids {
+            // Always parseable: one forward pass, probabilities of the three labels.
+            let prompt = self.templates.pairwise(&c, Some(&self.labels));
+            return match self.label_probs(&prompt, ids).await {
+                Ok((p, text)) => JudgeOutput {
+                    judgement: Judgement::Scored {
+                        verdict: verdict::verdict_from_probs(&p, self.tie_margin),
+                        probs: Some(p),
+                    },
+                    raw: text,
+                    latency_ms: ms(start),
+                    retries: 0,
+                },
+                Err(e) => JudgeOutput::unscored(format!("{e:#}"), String::new(), ms(start), 0),
+            };
+        }
+        let mut messages = vec![(TextMessageRole::User, self.templates.pairwise(&c, None))];
+        let mut raw = Vec::new();
+        let asks = if self.reask { 2 } else { 1 };
+        let mut why = String::new();
+        for ask in 0..asks {
+            let text = match self.generate(&messages).await {
+                Ok(t) => t,
+                Err(e) => return JudgeOutput::unscored(format!("{e:#}"), raw.join("\n--- re-ask ---\n"), ms(start), 0),
+            };
+            raw.push(text.clone());
+            match verdict::parse_verdict(&text) {
+                Ok(v) => {
+                    return JudgeOutput {
+                        judgement: Judgement::Scored { verdict: v, probs: None },
+                        raw: raw.join("\n--- re-ask ---\n"),
+                        latency_ms: ms(start),
+                        retries: 0,
+                    }
+                }
+                Err(f) => why = f.to_string(),
+            }
+            if ask + 1 < asks {
+                messages.push((TextMessageRole::Assistant, text));
+                messages.push((
+                    TextMessageRole::User,
+                    "Reply with the verdict tag only: [[A]], [[B]] or [[TIE]].".to_string(),
+                ));
+            }
+        }
+        let reason = if self.reask { format!("{why} (after one re-ask)") } else { why };
+        JudgeOutput::unscored(reason, raw.join("\n--- re-ask ---\n"), ms(start), 0)
+    }
+
+    async fn rate(&self, prompt: &str, criteria: Option<&str>, answer: &str) -> RatingOutput {
+        let start = Instant::now();
+        let mut messages = vec![(TextMessageRole::User, self.templates.pointwise(prompt, criteria, answer))];
+        let mut raw = Vec::new();
+        let asks = if self.reask { 2 } else { 1 };
+        let mut why = String::new();
+        for ask in 0..asks {
+            let text = match self.generate(&messages).await {
+                Ok(t) => t,
+                Err(e) => {
+                    return RatingOutput {
+                        score: None,
+                        reason: Some(format!("{e:#}")),
+                        raw: raw.join("\n--- re-ask ---\n"),
+                        latency_ms: ms(start),
+                        retries: 0,
+                    }
+                }
+            };
+            raw.push(text.clone());
+            match verdict::parse_score(&text) {
+                Ok(s) => {
+                    return RatingOutput {
+                        score: Some(s),
+                        reason: None,
+                        raw: raw.join("\n--- re-ask ---\n"),
+                        latency_ms: ms(start),
+                        retries: 0,
+                    }
+                }
+                Err(f) => why = f.to_string(),
+            }
+            if ask + 1 < asks {
+                messages.push((TextMessageRole::Assistant, text));
+                messages.push((
+                    TextMessageRole::User,
+                    "Reply with the score tag only, for example [[SCORE: 6]].".to_string(),
+                ));
+            }
+        }
+        RatingOutput {
+            score: None,
+            reason: Some(if self.reask { format!("{why} (after one re-ask)") } else { why }),
+            raw: raw.join("\n--- re-ask ---\n"),
+            latency_ms: ms(start),
+            retries: 0,
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The pairwise comparison reward: the judge compares a rollout (the response) with the
+//! prompt's current reference; win / tie / loss map to configurable values (1 / 0.5 / 0).
+//!
+//! Judges prefer the answer they read first, so the order is a setting: `reference-first` (the
+//! paper's default, harder for the policy), `response-first`, `random` (seeded per rollout), or
+//! `both` (two calls in swapped order: a win needs both orders to prefer the response, a loss
+//! both to prefer the reference, anything else is a tie). A failed judge call gives
+//! **unscored**, never a number: [`RewardOutcome::reward`] is `None` and the trainer leaves the
+//! rollout out of the update. With label probabilities, `soft = true` rewards the expected value
+//! under the judge's label distribution, averaged over the orders used.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Problems;
+use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Position {
+    #[default]
+    ReferenceFirst,
+    ResponseFirst,
+    Random,
+    Both,
+}
+
+/// The `[reward]` config section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    pub position: Position,
+    pub win: f64,
+    pub tie: f64,
+    pub loss: f64,
+    /// Label-probability judges: expected reward under the label probabilities instead of the
+    /// hard verdict's value.
+    pub soft: bool,
+    /// Seed of the `random` order (mixed with each rollout's key).
+    pub seed: u64,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self { position: Position::ReferenceFirst, win: 1.0, tie: 0.5, loss: 0.0, soft: false, seed: 0 }
+    }
+}
+
+impl RewardConfig {
+    pub fn validate(&self, key: &str, p: &mut Problems) {
+        for (name, v) in [("win", self.win), ("tie", self.tie), ("loss", self.loss)] {
+            if !v.is_finite() {
+                p.push(&format!("{key}.{name}"), format!("must be finite, got {v}"));
+            }
+        }
+        if !(self.win >= self.tie && self.tie >= self.loss && self.win > self.loss) {
+            p.push(
+                &format!("{key}.win"),
+                format!(
+                    "values must satisfy win >= tie >= loss and win > loss, got {} / {} / {}",
+                    self.win, self.tie, self.loss
+                ),
+            );
+        }
+    }
+
+    fn value(&self, o: Outcome) -> f64 {
+        match o {
+            Outcome::Win => self.win,
+            Outcome::Tie => self.tie,
+            Outcome::Loss => self.loss,
+        }
+    }
+}
+
+/// The response's result against the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Win,
+    Tie,
+    Loss,
+}
+
+/// One rollout to reward.
+#[derive(Debug, Clone, Copy)]
+pub struct RewardInput<'a> {
+    pub prompt: &'a str,
+    pub criteria: Option<&'a str>,
+    pub response: &'a str,
+    pub reference: &'a str,
+}
+
+/// One judge call and what it meant for the response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JudgeCall {
+    /// Whether the response was shown first.
+    pub response_first: bool,
+    #[serde(flatten)]
+    pub output: JudgeOutput,
+    /// None when this call was unscored.
+    pub outcome: Option<Outcome>,
+}
+
+/// Everything the trainer logs about one rollout's reward.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewardOutcome {
+    pub calls: Vec<JudgeCall>,
+    /// None when unscored.
+    pub outcome: Option<Outcome>,
+    /// None when unscored: never a number standing in for a failure.
+    pub reward: Option<f64>,
+    /// Whether `reward` is the soft (probability-weighted) value.
+    pub soft: bool,
+    pub unscored_reason: Option<String>,
+    /// `both` only, when both calls were scored: whether the two orders agreed.
+    pub consistent: Option<bool>,
+}
+
+impl RewardOutcome {
+    pub fn is_unscored(&self) -> bool {
+        self.reward.is_none()
+    }
+    pub fn retries(&self) -> u32 {
+        self.calls.iter().map(|c| c.output.retries).sum()
+    }
+    pub fn latency_ms(&self) -> u64 {
+        self.calls.iter().map(|c| c.output.latency_ms).max().unwrap_or(0)
+    }
+}
+
+/// The response's outcome given which position it held.
+fn outcome_of(v: Verdict, response_first: bool) -> Outcome {
+    match (v, response_first) {
+        (Verdict::Tie, _) => Outcome::Tie,
+        (Verdict::First, true) | (Verdict::Second, false) => Outcome::Win,
+        _ => Outcome::Loss,
+    }
+}
+
+/// Expected reward under the label probabilities of one call.
+fn soft_value(cfg: &RewardConfig, p: &LabelProbs, response_first: bool) -> f64 {
+    let (p_win, p_loss) = if response_first { (p.first, p.second) } else { (p.second, p.first) };
+    p_win * cfg.win + p.tie * cfg.tie + p_loss * cfg.loss
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The orders to ask in, as `response_first` flags. `key` identifies the rollout (e.g. a hash
+/// of step, prompt and sample) so `random` is reproducible.
+pub fn orders(cfg: &RewardConfig, key: u64) -> Vec<bool> {
+    match cfg.position {
+        Position::ReferenceFirst => vec![false],
+        Position::ResponseFirst => vec![true],
+        Position::Random => vec![splitmix64(cfg.seed ^ splitmix64(key)) & 1 == 1],
+        Position::Both => vec![false, true],
+    }
+}
+
+/// Judges one rollout against its reference and turns the verdict(s) into a reward.
+/// With `both`, the two calls run concurrently.
+pub async fn reward(judge: &dyn Judge, cfg: &RewardConfig, input: RewardInput<'_>, key: u64) -> RewardOutcome {
+    let calls = futures::future::join_all(orders(cfg, key).into_iter().map(|response_first| async move {
+        let (first, second) =
+            if response_first { (input.response, input.reference) } else { (input.reference, input.response) };
+        let output = judge
+            .compare(Comparison { prompt: input.prompt, criteria: input.criteria, first, second })
+            .await;
+        let outcome = match &output.judgement {
+            Judgement::Scored { verdict, .. } => Some(outcome_of(*verdict, response_first)),
+            Judgement::Unscored { .. } => None,
+        };
+        JudgeCall { response_first, output, outcome }
+    }))
+    .await;
+    combine(cfg, calls)
+}
+
+/// The reward of a set of calls (one, or two in swapped order).
+pub fn combine(cfg: &RewardConfig, calls: Vec<JudgeCall>) -> RewardOutcome {
+    if let Some(bad) = calls.iter().find(|c| c.outcome.is_none()) {
+        let reason = match &bad.output.judgement {
+            Judgement::Unscored { reason } => reason.clone(),
+            Judgement::Scored { .. } => unreachable!("outcome is None only when unscored"),
+        };
+        let order = if bad.response_first { "response first" } else { "reference first" };
+        return RewardOutcome {
+            calls,
+            outcome: None,
+            reward: None,
+            soft: false,
+            unscored_reason: Some(format!("{reason} ({order})")),
+            consistent: None,
+        };
+    }
+    let outs: Vec<Outcome> = calls.iter().filter_map(|c| c.outcome).collect();
+    let outcome = if outs.iter().all(|o| *o == Outcome::Win) {
+        Outcome::Win
+    } else if outs.iter().all(|o| *o == Outcome::Loss) {
+        Outcome::Loss
+    } else {
+        Outcome::Tie
+    };
+    let consistent = (calls.len() == 2).then(|| outs[0] == outs[1]);
+    let probs: Option<Vec<(LabelProbs, bool)>> = calls
+        .iter()
+        .map(|c| match &c.output.judgement {
+            Judgement::Scored { probs: Some(p), .. } => Some((*p, c.response_first)),
+            _ => None,
+        })
+        .collect();
+    let (reward, soft) = match probs {
+        Some(ps) if cfg.soft && !ps.is_empty() => {
+            let v = ps.iter().map(|(p, rf)| soft_value(cfg, p, *rf)).sum::<f64>() / ps.len() as f64;
+            (v, true)
+        }
+        _ => (cfg.value(outcome), false),
+    };
+    RewardOutcome { calls, outcome: Some(outcome), reward: Some(reward), soft, unscored_reason: None, consistent }
+}
+
+/// Counts for metrics and summaries.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RewardStats {
+    pub wins: u64,
+    pub ties: u64,
+    pub losses: u64,
+    pub unscored: u64,
+    /// `both`: pairs where both orders were scored, and those where they agreed.
+    pub both_scored: u64,
+    pub consistent: u64,
+    /// Scored calls whose verdict was the first / second position / tie (position bias).
+    pub chose_first: u64,
+    pub chose_second: u64,
+    pub chose_tie: u64,
+    pub retries: u64,
+}
+
+impl RewardStats {
+    pub fn add(&mut self, r: &RewardOutcome) {
+        match r.outcome {
+            Some(Outcome::Win) => self.wins += 1,
+            Some(Outcome::Tie) => self.ties += 1,
+            Some(Outcome::Loss) => self.losses += 1,
+            None => self.unscored += 1,
+        }
+        if let Some(c) = r.consistent {
+            self.both_scored += 1;
+            self.consistent += c as u64;
+        }
+        for call in &r.calls {
+            self.retries += call.output.retries as u64;
+            if let Judgement::Scored { verdict, .. } = call.output.judgement {
+                match verdict {
+                    Verdict::First => self.chose_first += 1,
+                    Verdict::Second => self.chose_second += 1,
+                    Verdict::Tie => self.chose_tie += 1,
+                }
+            }
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.wins + self.ties + self.losses + self.unscored
+    }
+
+    /// Share of `both` pairs whose two orders agreed; None without any.
+    pub fn position_consistency(&self) -> Option<f64> {
+        (self.both_scored > 0).then(|| self.consistent as f64 / self.both_scored as f64)
+    }
+
+    /// Share of scored calls that chose the first position.
+    pub fn first_position_rate(&self) -> Option<f64> {
+        let n = self.chose_first + self.chose_second + self.chose_tie;
+        (n > 0).then(|| self.chose_first as f64 / n as f64)
+    }
+}
+
+impl std::fmt::Display for RewardStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} pairs: win {} / tie {} / loss {} / unscored {}",
+            self.total(),
+            self.wins,
+            self.ties,
+            self.losses,
+            self.unscored
+        )?;
+        if let Some(c) = self.position_consistency() {
+            write!(f, " | position consistency {:.3} ({}/{})", c, self.consistent, self.both_scored)?;
+        }
+        if let Some(r) = self.first_position_rate() {
+            write!(f, " | first position chosen {:.3}", r)?;
+        }
+        write!(f, " | retries {}", self.retries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(v: Option<Verdict>, response_first: bool, probs: Option<LabelProbs>) -> JudgeCall {
+        let judgement = match v {
+            Some(verdict) => Judgement::Scored { verdict, probs },
+            None => Judgement::Unscored { reason: "HTTP 500: boom".into() },
+        };
+        JudgeCall {
+            response_first,
+            outcome: v.map(|v| outcome_of(v, response_first)),
+            output: JudgeOutput { judgement, raw: String::new(), latency_ms: 1, retries: 0 },
+        }
+    }
+
+    #[test]
+    fn both_orders_rule() {
+        let cfg = RewardConfig { position: Position::Both, ..Default::default() };
+        // Reference first then response first.
+        let win = combine(&cfg, vec![call(Some(Verdict::Second), false, None), call(Some(Verdict::First), true, None)]);
+        assert_eq!((win.outcome, win.reward, win.consistent), (Some(Outcome::Win), Some(1.0), Some(true)));
+        let loss = combine(&cfg, vec![call(Some(Verdict::First), false, None), call(Some(Verdict::Second), true, None)]);
+        assert_eq!((loss.outcome, loss.reward, loss.consistent), (Some(Outcome::Loss), Some(0.0), Some(true)));
+        // Always "first": position bias, the orders disagree -> tie.
+        let biased = combine(&cfg, vec![call(Some(Verdict::First), false, None), call(Some(Verdict::First), true, None)]);
+        assert_eq!((biased.outcome, biased.reward, biased.consistent), (Some(Outcome::Tie), Some(0.5), Some(false)));
+        let half = combine(&cfg, vec![call(Some(Verdict::Second), false, None), call(Some(Verdict::Tie), true, None)]);
+        assert_eq!(half.outcome, Some(Outcome::Tie));
+        let failed = combine(&cfg, vec![call(Some(Verdict::Second), false, None), call(None, true, None)]);
+        assert_eq!((failed.reward, failed.outcome), (None, None));
+        assert!(failed.unscored_reason.unwrap().contains("HTTP 500: boom (response first)"));
+    }
+
+    #[test]
+    fn values_and_soft_reward() {
+        let cfg = RewardConfig { win: 2.0, tie: 1.0, loss: -1.0, ..Default::default() };
+        assert_eq!(combine(&cfg, vec![call(Some(Verdict::First), false, None)]).reward, Some(-1.0));
+        assert_eq!(combine(&cfg, vec![call(Some(Verdict::Tie), false, None)]).reward, Some(1.0));
+        let soft = RewardConfig { soft: true, position: Position::Both, ..Default::default() };
+        // A judge biased to the first slot: P(first)=0.7 whatever the order.
+        let p = LabelProbs { first: 0.7, second: 0.2, tie: 0.1 };
+        let r = combine(&soft, vec![call(Some(Verdict::First), false, Some(p)), call(Some(Verdict::First), true, Some(p))]);
+        // Order 1 (response second): 0.2 + 0.05; order 2 (response first): 0.7 + 0.05.
+        assert!(r.soft && (r.reward.unwrap() - 0.5).abs() < 1e-12, "{r:?}");
+        let q = LabelProbs { first: 0.6, second: 0.3, tie: 0.1 };
+        let r = combine(&soft, vec![call(Some(Verdict::First), false, Some(p)), call(Some(Verdict::First), true, Some(q))]);
+        assert!((r.reward.unwrap() - (0.25 + 0.65) / 2.0).abs() < 1e-12);
+        // Without probabilities the soft setting falls back to the hard value.
+        let r = combine(&soft, vec![call(Some(Verdict::Second), false, None), call(Some(Verdict::First), true, None)]);
+        assert_eq!((r.soft, r.reward), (false, Some(1.0)));
+    }
+
+    #[test]
+    fn random_order_is_seeded_and_mixed() {
+        let cfg = RewardConfig { position: Position::Random, seed: 3, ..Default::default() };
+        let a: Vec<bool> = (0..200).map(|k| orders(&cfg, k)[0]).collect();
+        let b: Vec<bool> = (0..200).map(|k| orders(&cfg, k)[0]).collect();
+        assert_eq!(a, b);
+        let firsts = a.iter().filter(|x| **x).count();
+        assert!((70..130).contains(&firsts), "{firsts}");
+        let other = RewardConfig { seed: 4, ..cfg.clone() };
+        assert_ne!(a, (0..200).map(|k| orders(&other, k)[0]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn stats_count_unscored_and_consistency() {
+        let cfg = RewardConfig { position: Position::Both, ..Default::default() };
+        let mut s = RewardStats::default();
+        s.add(&combine(&cfg, vec![call(Some(Verdict::Second), false, None), call(Some(Verdict::First), true, None)]));
+        s.add(&combine(&cfg, vec![call(Some(Verdict::First), false, None), call(Some(Verdict::First), true, None)]));
+        s.add(&combine(&cfg, vec![call(None, false, None), call(Some(Verdict::First), true, None)]));
+        assert_eq!((s.wins, s.ties, s.losses, s.unscored), (1, 1, 0, 1));
+        assert_eq!(s.position_consistency(), Some(0.5));
+        assert_eq!((s.chose_first, s.chose_second), (4, 1));
+        let bad = RewardConfig { win: 0.0, tie: 0.5, loss: 1.0, ..Default::default() };
+        let mut p = Problems::default();
+        bad.validate("reward", &mut p);
+        assert!(p.0[0].starts_with("reward.win:"), "{:?}", p.0);
+    }
+}
