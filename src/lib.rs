@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod judge;
 pub mod metrics;
 pub mod progress;
+pub mod rundir;
 pub mod reward;
 pub mod tiny;
 

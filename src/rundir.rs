@@ -1,0 +1,134 @@
+//! The run directory: `runs/<name>/` with the resolved config, metrics, samples and checkpoints.
+//!
+//! The resolved config is saved as `config.json` (it holds the *names* of secret environment
+//! variables, never their values). On resume the new config is compared with the saved one key
+//! by key; a change is refused unless every changed key is under a prefix the user allowed
+//! (`--allow-config-change judge.openai.base_url,judge.openai.timeout_secs`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+
+pub const CONFIG_FILE: &str = "config.json";
+
+/// One changed leaf: (dotted key, saved value, new value); `None` where a side lacks the key.
+pub type Change = (String, Option<Value>, Option<Value>);
+
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+/// Key-by-key differences between two configs as JSON values.
+pub fn diff(saved: &Value, new: &Value) -> Vec<Change> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", saved, &mut a);
+    flatten("", new, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), a.get(k).cloned(), b.get(k).cloned()))
+        .collect()
+}
+
+/// Whether `key` is `prefix` or lies under it.
+fn allowed_by(key: &str, prefix: &str) -> bool {
+    key == prefix || key.starts_with(&format!("{prefix}."))
+}
+
+pub fn render(changes: &[Change]) -> String {
+    let show = |v: &Option<Value>| v.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "(absent)".into());
+    changes
+        .iter()
+        .map(|(k, a, b)| format!("  {k}: {} -> {}", show(a), show(b)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// sha256 of the config's canonical JSON (object keys sorted by serde_json's map).
+pub fn config_hash(cfg: &Config) -> Result<String> {
+    let v = serde_json::to_value(cfg)?;
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&v)?);
+    Ok(format!("{:x}", h.finalize()))
+}
+
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    pub fn samples(&self) -> PathBuf {
+        self.root.join("samples")
+    }
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    /// Opens (or creates) the run directory for `cfg`. A saved config that differs is shown as
+    /// a diff and refused unless each changed key is covered by `allow`.
+    pub fn open(root: &Path, cfg: &Config, allow: &[String]) -> Result<Self> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating run directory {}", root.display()))?;
+        let path = root.join(CONFIG_FILE);
+        let new = serde_json::to_value(cfg)?;
+        if path.exists() {
+            let saved: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+                .with_context(|| format!("{}: unreadable saved config", path.display()))?;
+            let changes = diff(&saved, &new);
+            let refused: Vec<Change> = changes
+                .iter()
+                .filter(|(k, _, _)| !allow.iter().any(|p| allowed_by(k, p)))
+                .cloned()
+                .collect();
+            if !refused.is_empty() {
+                bail!(
+                    "the config differs from the one this run was started with ({}):\n{}\n\
+                     resume with --allow-config-change KEY[,KEY...] naming what may change, or use a new run directory",
+                    path.display(),
+                    render(&refused)
+                );
+            }
+            if !changes.is_empty() {
+                eprintln!("config changes allowed on resume:\n{}", render(&changes));
+            }
+        }
+        crate::fsutil::atomic_write(&path, &serde_json::to_vec_pretty(&new)?)?;
+        Ok(Self { root: root.to_path_buf() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn diff_lists_changed_added_and_removed_leaves() {
+        let a = json!({"judge": {"openai": {"base_url": "http://a", "timeout_secs": 30}}, "run": {"seed": 1}});
+        let b = json!({"judge": {"openai": {"base_url": "http://b", "timeout_secs": 30}}, "run": {"seed": 1, "steps": 5}});
+        let d = diff(&a, &b);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].0, "judge.openai.base_url");
+        assert_eq!(d[1], ("run.steps".into(), None, Some(json!(5))));
+        assert!(allowed_by("judge.openai.base_url", "judge.openai"));
+        assert!(allowed_by("judge.openai.base_url", "judge.openai.base_url"));
+        assert!(!allowed_by("judge.openai_x", "judge.openai"));
+    }
+}
