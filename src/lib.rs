@@ -3,11 +3,14 @@
 
 pub mod cli;
 pub mod config;
+pub mod curriculum;
+pub mod data;
 pub mod engine;
 pub mod fsutil;
 pub mod judge;
 pub mod progress;
 pub mod reward;
+pub mod selection;
 pub mod tiny;
 
 /// Proof that libtorch is linked and usable: a 2x2 matmul through tch.

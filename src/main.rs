@@ -22,6 +22,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Reward a JSONL file of (prompt, criteria?, response, reference) pairs with the judge.
     Judge(cli::judge::JudgeArgs),
+    /// Convert WritingBench JSONL or the official Writing-RL parquet to task JSONL.
+    Import(cli::import::ImportArgs),
     /// Print throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -78,6 +80,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Bench(BenchCommand::Judge { latency_ms, concurrency, calls }) => {
             cli::judge::bench(latency_ms, concurrency, calls).await
         }
+        Command::Import(args) => cli::import::run(args),
         Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens }) => {
             let mut cfg = Config::load(&config)?;
             if let Some(m) = max_new_tokens {
