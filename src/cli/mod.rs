@@ -3,3 +3,4 @@
 pub mod generate;
 pub mod judge;
 pub mod import;
+pub mod select;
