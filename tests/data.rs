@@ -529,3 +529,71 @@ async fn select_cli_end_to_end_reads_generate_files() {
     assert!(stderr(&o).contains("bad.jsonl:2: task \"t9\" is not in the task file"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&out).unwrap(), before);
 }
+
+/// One model builds ladders from its own samples: `generate` on the tiny model writes the policy
+/// answers and the candidates, `select` reads those files as they are. The scripted judge rates
+/// an answer by its length (1 + chars % 10), so the expected margins follow from the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ladders_from_the_models_own_generate_output() {
+    use orchestrator::tiny::TinySpec;
+    common::init();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let rate = |a: &str| 1 + (a.chars().count() % 10) as u32;
+    let server = ScriptedServer::start(rules::score_by(rate)).await.unwrap();
+    // (The tiny Llama's samples decode to empty text; the tiny Qwen2's do not.)
+    let model = common::tiny_model(&d.join("model"), &TinySpec::qwen2(3));
+    let extra = format!(
+        "[engine.sampling]\nmax_new_tokens = 16\n\n[judge]\nkind = \"openai\"\n\n[judge.openai]\nbase_url = {:?}\n\
+         model = \"scripted\"\napi_key_env = \"\"\nmax_retries = 0\n\n[selection]\nmode = \"pointwise\"\n",
+        server.base_url()
+    );
+    let (config, _) = common::config_for(d, &model, &extra);
+    let tasks: Vec<Task> = (0..4).map(|i| Task::new(format!("w{i}"), format!("Write about topic {i}."), vec![])).collect();
+    let tasks_path = d.join("tasks.jsonl");
+    data::write_tasks(&tasks_path, &tasks, References::Optional).unwrap();
+    let policy = d.join("policy.jsonl");
+    let cands = d.join("cands.jsonl");
+    let out = d.join("selected.jsonl");
+    let c = config.to_str().unwrap().to_string();
+    let t = tasks_path.to_str().unwrap().to_string();
+    let (p, cs, o) = (policy.to_str().unwrap().to_string(), cands.to_str().unwrap().to_string(), out.to_str().unwrap().to_string());
+    let outputs = tokio::task::spawn_blocking(move || {
+        let gen1 = bin(&["generate", "--config", &c, "--prompts", &t, "--out", &p, "--n", "1", "--seed", "1", "--source", "policy"]);
+        let gen2 = bin(&["generate", "--config", &c, "--prompts", &t, "--out", &cs, "--n", "3", "--seed", "2", "--source", "self-T1"]);
+        let sel = bin(&["select", "--config", &c, "--tasks", &t, "--policy", &p, "--candidates", &cs, "--out", &o, "--keep-weaker"]);
+        (gen1, gen2, sel)
+    })
+    .await
+    .unwrap();
+    for o in [&outputs.0, &outputs.1, &outputs.2] {
+        assert!(o.status.success(), "{}", stderr(o));
+    }
+    // Expected, from the generated files and the judge's rule.
+    let pol = selection::read_answers(&policy).unwrap();
+    let cand = selection::read_answers(&cands).unwrap();
+    assert_eq!((pol.len(), cand.len()), (4, 12));
+    assert!(cand.iter().all(|a| a.source == "self-T1"));
+    assert!(cand.iter().filter(|a| !a.text.trim().is_empty()).count() >= 8, "the tiny model wrote text");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("selected.report.json")).unwrap()).unwrap();
+    let kept = data::read_tasks(&out, References::Required).unwrap();
+    for (i, task) in tasks.iter().enumerate() {
+        let p = rate(&pol[i].text) as f64;
+        let mut mine: Vec<(u32, &str)> =
+            cand.iter().filter(|a| a.task_id == task.id && !a.text.trim().is_empty()).map(|a| (rate(&a.text), a.text.as_str())).collect();
+        let entry = &report["tasks"][i];
+        assert_eq!(entry["id"], task.id.as_str());
+        assert_eq!(entry["policy_score"], p);
+        if mine.is_empty() {
+            assert_eq!(entry["status"], "no-candidates");
+            continue;
+        }
+        let best = mine.iter().map(|m| m.0).max().unwrap() as f64;
+        assert_eq!(entry["margin"], best - p, "task {}", task.id);
+        mine.sort_by_key(|m| m.0); // stable: ties keep file order, like the ladder
+        let ladder: Vec<&str> = mine.iter().map(|m| m.1).collect();
+        let k = kept.iter().find(|k| k.id == task.id).expect("every task with candidates is kept");
+        assert_eq!(k.references, ladder);
+    }
+}

@@ -100,10 +100,13 @@ pub async fn run(args: SelectArgs) -> Result<()> {
     let result = selection::select(&tasks, &policy, &candidates, judge.as_ref(), &sel).await?;
 
     let report = args.report.clone().unwrap_or_else(|| args.out.with_extension("report.json"));
-    data::write_tasks(&args.out, &result.kept, References::Required)?;
     let report_json = serde_json::json!({ "summary": &result.summary, "tasks": &result.tasks });
     crate::fsutil::atomic_write(&report, &serde_json::to_vec_pretty(&report_json)?)?;
     eprint!("{}", result.summary.render());
+    if result.kept.is_empty() {
+        anyhow::bail!("no task was kept (report in {}); {} not written", report.display(), args.out.display());
+    }
+    data::write_tasks(&args.out, &result.kept, References::Required)?;
     eprintln!("wrote {} tasks to {} and the report to {}", result.kept.len(), args.out.display(), report.display());
     Ok(())
 }
