@@ -528,6 +528,42 @@ async fn select_cli_end_to_end_reads_generate_files() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bad.jsonl:2: task \"t9\" is not in the task file"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&out).unwrap(), before);
+
+    // Nothing above the threshold: an error, and the old output stays.
+    let o = Command::new(common::bin())
+        .args(["select", "--config", config.to_str().unwrap(), "--tasks", tasks_path.to_str().unwrap(),
+            "--policy", policy_path.to_str().unwrap(), "--candidates", big.to_str().unwrap(), "--out", out.to_str().unwrap(),
+            "--min-margin", "0.9"])
+        .output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no task was kept"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn data_curriculum_and_selection_config_keys_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tasks = write(d, "tasks.jsonl", "{\"id\": \"a\", \"prompt\": \"p\", \"references\": [\"r\"]}\n");
+    let ok = write(d, "ok.toml", "[model]\npath = \"m\"\n[data]\ntasks = \"tasks.jsonl\"\n[curriculum]\nmode = \"static-strongest\"\nadvance_rule = \"majority\"\n[selection]\nmode = \"pairwise\"\norder = \"both\"\ntop_fraction = 0.25\nweaker_candidates = \"keep\"\n");
+    let cfg = orchestrator::config::Config::load_with_env(&ok, Vec::<(String, String)>::new()).unwrap();
+    assert_eq!(cfg.data.tasks.as_deref(), Some(tasks.as_path()));
+    assert_eq!(cfg.curriculum.mode, orchestrator::curriculum::CurriculumMode::StaticStrongest);
+    assert_eq!(cfg.curriculum.advance_rule, orchestrator::curriculum::AdvanceRule::Majority);
+    assert_eq!((cfg.selection.mode, cfg.selection.order), (SelectionMode::Pairwise, Some(PairOrder::Both)));
+    let err = |name: &str, text: &str| {
+        let p = write(d, name, &format!("[model]\npath = \"m\"\n{text}"));
+        format!("{:#}", orchestrator::config::Config::load_with_env(&p, Vec::<(String, String)>::new()).unwrap_err())
+    };
+    let e = err("a.toml", "[selection]\ntop_k = 0\nconcurrency = 0\ntop_fraction = 1.5\n");
+    assert!(e.contains("a.toml") && e.contains("selection.top_k: must be >= 1") && e.contains("selection.concurrency: must be >= 1")
+        && e.contains("selection.top_fraction: must be in (0, 1], got 1.5") && e.contains("set top_k or top_fraction, not both"), "{e}");
+    let e = err("b.toml", "[curriculum]\nmode = \"sideways\"\n");
+    assert!(e.contains("b.toml") && e.contains("curriculum.mode") && e.contains("sideways"), "{e}");
+    let e = err("c.toml", "[curriculum]\nadvance = \"any\"\n");
+    assert!(e.contains("curriculum") && e.contains("advance"), "{e}");
+    let e = err("d.toml", "[data]\ntasks = \"missing.jsonl\"\n");
+    assert!(e.contains("data.tasks") && e.contains("missing.jsonl is not a file"), "{e}");
 }
 
 /// One model builds ladders from its own samples: `generate` on the tiny model writes the policy
