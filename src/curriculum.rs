@@ -62,6 +62,18 @@ pub enum Outcome {
     Unscored,
 }
 
+/// A reward outcome (`None` = unscored) as a curriculum outcome.
+impl From<Option<crate::reward::Outcome>> for Outcome {
+    fn from(o: Option<crate::reward::Outcome>) -> Self {
+        match o {
+            Some(crate::reward::Outcome::Win) => Outcome::Win,
+            Some(crate::reward::Outcome::Tie) => Outcome::Tie,
+            Some(crate::reward::Outcome::Loss) => Outcome::Loss,
+            None => Outcome::Unscored,
+        }
+    }
+}
+
 impl AdvanceRule {
     /// Whether these outcomes (all rollouts of one task in one step) move the task up.
     pub fn moves(self, outcomes: &[Outcome]) -> bool {

@@ -104,6 +104,7 @@ fn writingbench_all(input: &Path) -> Vec<Task> {
 
 // ---------------------------------------------------------------- official parquet
 
+#[cfg(feature = "parquet")]
 /// One row of the official layout; `None` writes a null.
 #[derive(Clone, Default)]
 struct PqRow {
@@ -114,6 +115,7 @@ struct PqRow {
     id: Option<&'static str>,
 }
 
+#[cfg(feature = "parquet")]
 const SCHEMA: &str = "
 message schema {
   OPTIONAL group prompt (LIST) {
@@ -140,6 +142,7 @@ message schema {
   }
 }";
 
+#[cfg(feature = "parquet")]
 /// Writes rows in the pandas/pyarrow layout (3-level lists, structs), snappy-compressed, with the
 /// parquet crate's column writer: definition/repetition levels computed here.
 fn write_parquet(path: &Path, rows: &[PqRow]) {
@@ -229,6 +232,7 @@ fn write_parquet(path: &Path, rows: &[PqRow]) {
     w.close().unwrap();
 }
 
+#[cfg(feature = "parquet")]
 fn good_rows() -> Vec<PqRow> {
     vec![
         PqRow {
@@ -250,6 +254,7 @@ fn good_rows() -> Vec<PqRow> {
     ]
 }
 
+#[cfg(feature = "parquet")]
 #[test]
 fn parquet_import_reads_the_official_layout_and_names_bad_rows() {
     let tmp = tempfile::tempdir().unwrap();
