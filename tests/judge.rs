@@ -158,10 +158,10 @@ async fn fault_storm_ends_every_pair_scored_or_unscored_with_its_reason() {
         a[1].duration_since(a[0])
     };
     let secs = gap(4);
-    assert!(secs >= Duration::from_millis(990) && secs < Duration::from_millis(1500), "Retry-After: 1 -> waited {secs:?}");
+    assert!(secs >= Duration::from_millis(990) && secs < Duration::from_millis(1800), "Retry-After: 1 -> waited {secs:?}");
     // An HTTP date has whole-second precision: 2 s ahead means a wait of (1, 2] s.
     let date = gap(5);
-    assert!(date >= Duration::from_millis(900) && date < Duration::from_millis(2500), "Retry-After date -> waited {date:?}");
+    assert!(date >= Duration::from_millis(900) && date < Duration::from_millis(2900), "Retry-After date -> waited {date:?}");
     // The 400 was not retried.
     assert_eq!(arrivals(6).len(), 1);
     // The semaphore held: the server never saw more than 4 requests at once, and did see overlap.
@@ -617,4 +617,72 @@ async fn embedded_judge_on_the_tiny_model_in_both_modes() {
     cfg.labels.tie = "Tie-breaker!".into();
     let e = EmbeddedJudge::load(&cfg, &model).await.err().unwrap().to_string();
     assert!(e.contains("judge.labels.tie") && e.contains("single-token"), "{e}");
+}
+
+#[test]
+fn bench_judge_prints_the_ratio() {
+    let out = Command::new(common::bin())
+        .args(["bench", "judge", "--latency-ms", "20", "--concurrency", "4", "--calls", "40"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ideal C/L 200.0 calls/s") && stdout.contains("ratio "), "{stdout}");
+    assert!(stdout.contains("server max in flight 4") && stdout.contains("unscored 0"), "{stdout}");
+}
+
+#[test]
+fn judge_cli_with_the_embedded_label_judge_on_the_policy_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::llama(5));
+    // No [judge.embedded.model]: the policy's own weights judge.
+    let (cfg, _) = common::config_for(
+        tmp.path(),
+        &model,
+        "[judge]\nkind = \"embedded\"\nmode = \"label-probability\"\n[reward]\nposition = \"both\"\nsoft = true\n",
+    );
+    let pairs = write(
+        tmp.path(),
+        "pairs.jsonl",
+        "{\"id\": \"a\", \"prompt\": \"Write a toast.\", \"response\": \"To friends!\", \"reference\": \"Cheers.\"}\n\
+         {\"id\": \"b\", \"prompt\": \"Write a memo.\", \"criteria\": \"Brief.\", \"response\": \"Meet at 3.\", \"reference\": \"Memo.\"}\n",
+    );
+    let out = tmp.path().join("out.jsonl");
+    let res = Command::new(common::bin())
+        .arg("judge")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--pairs")
+        .arg(&pairs)
+        .arg("--out")
+        .arg(&out)
+        .env("HF_HOME", tmp.path().join("hf"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(stdout.contains("2 pairs:") && stdout.contains("unscored 0") && stdout.contains("position consistency"), "{stdout}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["soft"], true, "{l}");
+        let reward = l["reward"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&reward));
+        let calls = l["calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 2);
+        let mut expected = 0.0;
+        for c in calls {
+            let p = &c["judgement"]["probs"];
+            let (first, second, tie) = (p["first"].as_f64().unwrap(), p["second"].as_f64().unwrap(), p["tie"].as_f64().unwrap());
+            assert!((first + second + tie - 1.0).abs() < 1e-9);
+            let win = if c["response_first"].as_bool().unwrap() { first } else { second };
+            expected += (win + 0.5 * tie) / 2.0;
+        }
+        assert!((reward - expected).abs() < 1e-9, "{reward} vs {expected}");
+        assert!(l["consistent"].is_boolean());
+    }
 }

@@ -98,7 +98,8 @@ pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
 struct BreakerState {
     consecutive: u32,
     open_since: Option<Instant>,
-    probing: bool,
+    /// When the current probe call was let through.
+    probing: Option<Instant>,
     last_error: String,
 }
 
@@ -115,8 +116,11 @@ impl Breaker {
     fn admit(&self) -> Result<(), String> {
         let mut s = self.state.lock().unwrap();
         let Some(since) = s.open_since else { return Ok(()) };
-        if since.elapsed() >= self.cooldown && !s.probing {
-            s.probing = true;
+        // A probe whose caller was cancelled never reports back: after another cooldown the
+        // next call may probe instead.
+        let probe_free = s.probing.is_none_or(|p| p.elapsed() >= self.cooldown);
+        if since.elapsed() >= self.cooldown && probe_free {
+            s.probing = Some(Instant::now());
             return Ok(());
         }
         Err(format!(
@@ -134,7 +138,7 @@ impl Breaker {
         let mut s = self.state.lock().unwrap();
         s.consecutive += 1;
         s.last_error = msg.to_string();
-        s.probing = false;
+        s.probing = None;
         if self.threshold > 0 && (s.consecutive >= self.threshold || s.open_since.is_some()) {
             s.open_since = Some(Instant::now());
         }
@@ -552,6 +556,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         assert!(b.admit().is_ok(), "one probe after the cooldown");
         assert!(b.admit().is_err(), "only one probe at a time");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.admit().is_ok(), "a probe that never reported back is replaced");
         b.success();
         assert_eq!(b.health(), JudgeHealth::Up);
         // A failed probe reopens at once.
