@@ -143,10 +143,14 @@ message schema {
 }";
 
 #[cfg(feature = "parquet")]
-/// Writes rows in the pandas/pyarrow layout (3-level lists, structs), snappy-compressed, with the
-/// parquet crate's column writer: definition/repetition levels computed here.
+/// Writes rows in the pandas/pyarrow layout (3-level lists, structs) with the parquet crate's
+/// column writer (definition/repetition levels computed here); snappy (pyarrow's default) or zstd.
 fn write_parquet(path: &Path, rows: &[PqRow]) {
-    use parquet::basic::Compression;
+    write_parquet_with(path, rows, parquet::basic::Compression::SNAPPY)
+}
+
+#[cfg(feature = "parquet")]
+fn write_parquet_with(path: &Path, rows: &[PqRow], compression: parquet::basic::Compression) {
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
@@ -216,7 +220,7 @@ fn write_parquet(path: &Path, rows: &[PqRow]) {
         cols[7].opt(Some("model"), 2);
     }
     let schema = Arc::new(parquet::schema::parser::parse_message_type(SCHEMA).unwrap());
-    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let props = Arc::new(WriterProperties::builder().set_compression(compression).build());
     let file = std::fs::File::create(path).unwrap();
     let mut w = SerializedFileWriter::new(file, schema, props).unwrap();
     let mut rg = w.next_row_group().unwrap();
@@ -260,7 +264,8 @@ fn parquet_import_reads_the_official_layout_and_names_bad_rows() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let pq = d.join("train.parquet");
-    write_parquet(&pq, &good_rows());
+    let zstd = parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default());
+    write_parquet_with(&pq, &good_rows(), zstd);
     let out = d.join("tasks.jsonl");
     let o = bin(&["import", "parquet", pq.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
