@@ -27,6 +27,12 @@ pub struct Config {
     pub judge: crate::judge::JudgeConfig,
     #[serde(default)]
     pub reward: crate::reward::RewardConfig,
+    #[serde(default)]
+    pub data: crate::data::DataConfig,
+    #[serde(default)]
+    pub curriculum: crate::curriculum::CurriculumConfig,
+    #[serde(default)]
+    pub selection: crate::selection::SelectionConfig,
 }
 
 /// The policy model: an HF directory (config.json, tokenizer.json, safetensors) or a GGUF file.
@@ -162,6 +168,7 @@ impl Config {
             self.model.path = base.join(&self.model.path);
         }
         self.judge.resolve_paths(base);
+        self.data.resolve_paths(base);
     }
 
     /// Range checks; every problem is reported, each with its key path.
@@ -170,6 +177,8 @@ impl Config {
         self.engine.validate("engine", &mut p);
         self.judge.validate("judge", &mut p);
         self.reward.validate("reward", &mut p);
+        self.data.validate("data", &mut p);
+        self.selection.validate("selection", &mut p);
         if p.0.is_empty() {
             Ok(())
         } else {

@@ -4,6 +4,8 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod curriculum;
+pub mod data;
 pub mod engine;
 pub mod fsutil;
 pub mod gguf;
@@ -12,6 +14,7 @@ pub mod metrics;
 pub mod progress;
 pub mod rundir;
 pub mod reward;
+pub mod selection;
 pub mod tiny;
 
 /// Proof that libtorch is linked and usable: a 2x2 matmul through tch.

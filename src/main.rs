@@ -22,6 +22,11 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Reward a JSONL file of (prompt, criteria?, response, reference) pairs with the judge.
     Judge(cli::judge::JudgeArgs),
+    /// Convert WritingBench JSONL or the official Writing-RL parquet to task JSONL.
+    Import(cli::import::ImportArgs),
+    /// Margin-aware data selection: keep the tasks with the largest (best candidate - policy)
+    /// margins, with reference ladders ordered by the judge's scores.
+    Select(cli::select::SelectArgs),
     /// Print throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -38,6 +43,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// `select` against the scripted judge at a fixed latency: wall time vs calls x latency / concurrency.
+    Select {
+        #[arg(long, default_value_t = 100)]
+        tasks: usize,
+        #[arg(long, default_value_t = 4)]
+        candidates: usize,
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Pairwise (one call per candidate) instead of pointwise (one per candidate plus the policy).
+        #[arg(long)]
+        pairwise: bool,
+    },
     /// Tokens/s of our recording sampler vs plain mistral.rs requests, and their ratio.
     Engine {
         #[arg(long)]
@@ -77,6 +96,11 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Judge(args) => cli::judge::run(args).await,
         Command::Bench(BenchCommand::Judge { latency_ms, concurrency, calls }) => {
             cli::judge::bench(latency_ms, concurrency, calls).await
+        }
+        Command::Import(args) => cli::import::run(args),
+        Command::Select(args) => cli::select::run(args).await,
+        Command::Bench(BenchCommand::Select { tasks, candidates, latency_ms, concurrency, pairwise }) => {
+            cli::select::bench(tasks, candidates, latency_ms, concurrency, pairwise).await
         }
         Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens }) => {
             let mut cfg = Config::load(&config)?;

@@ -2,3 +2,5 @@
 
 pub mod generate;
 pub mod judge;
+pub mod import;
+pub mod select;
