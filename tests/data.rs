@@ -587,7 +587,6 @@ async fn ladders_from_the_models_own_generate_output() {
     let d = tmp.path();
     let rate = |a: &str| 1 + (a.chars().count() % 10) as u32;
     let server = ScriptedServer::start(rules::score_by(rate)).await.unwrap();
-    // (The tiny Llama's samples decode to empty text; the tiny Qwen2's do not.)
     let model = common::tiny_model(&d.join("model"), &TinySpec::qwen2(3));
     let extra = format!(
         "[engine.sampling]\nmax_new_tokens = 16\n\n[judge]\nkind = \"openai\"\n\n[judge.openai]\nbase_url = {:?}\n\
@@ -615,7 +614,9 @@ async fn ladders_from_the_models_own_generate_output() {
     for o in [&outputs.0, &outputs.1, &outputs.2] {
         assert!(o.status.success(), "{}", stderr(o));
     }
-    // Expected, from the generated files and the judge's rule.
+    // Expected, from the generated files and the judge's rule applied to what the judge is
+    // shown: the answer with verdict-like markup neutralised, trimmed by the template reader.
+    let rate = |a: &str| rate(orchestrator::judge::verdict::neutralise(a).trim());
     let pol = selection::read_answers(&policy).unwrap();
     let cand = selection::read_answers(&cands).unwrap();
     assert_eq!((pol.len(), cand.len()), (4, 12));

@@ -1,5 +1,6 @@
 //! `orchestrator import writingbench|parquet IN --out tasks.jsonl`: convert a dataset to native
 //! task JSONL (written atomically; nothing is written when any line or row is bad).
+//! `orchestrator import gguf MODEL.gguf --out DIR`: a GGUF model to an HF model directory.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,8 @@ pub enum ImportFormat {
     Writingbench,
     /// The official Writing-RL training parquet (references from `reward_model.ground_truth.target`).
     Parquet,
+    /// A GGUF model (llama or qwen2) -> an HF model directory (`--out` must not exist).
+    Gguf,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +27,9 @@ pub struct ImportArgs {
     /// WritingBench: keep only these languages (e.g. `en` or `en,zh`; given or inferred).
     #[arg(long, value_delimiter = ',')]
     pub lang: Vec<String>,
+    /// GGUF: dtype of the written safetensors.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: crate::gguf::OutDType,
 }
 
 pub fn load(args: &ImportArgs) -> Result<(Vec<Task>, References)> {
@@ -35,6 +41,7 @@ pub fn load(args: &ImportArgs) -> Result<(Vec<Task>, References)> {
             }
             (read_parquet(&args.input)?, References::Required)
         }
+        ImportFormat::Gguf => anyhow::bail!("gguf imports a model, not tasks"),
     })
 }
 
@@ -49,6 +56,20 @@ fn read_parquet(_path: &std::path::Path) -> Result<Vec<Task>> {
 }
 
 pub fn run(args: ImportArgs) -> Result<()> {
+    if args.format == ImportFormat::Gguf {
+        let s = crate::gguf::import_gguf(&args.input, &args.out, args.dtype)?;
+        eprintln!(
+            "wrote {} ({}, {} tensors, {:.1}M parameters, vocab {}, tied embeddings: {}) to {}",
+            args.input.display(),
+            s.architecture,
+            s.tensors,
+            s.parameters as f64 / 1e6,
+            s.vocab_size,
+            s.tied_embeddings,
+            args.out.display()
+        );
+        return Ok(());
+    }
     let (tasks, refs) = load(&args)?;
     data::write_tasks(&args.out, &tasks, refs)?;
     let with_refs = tasks.iter().filter(|t| !t.references.is_empty()).count();
