@@ -22,7 +22,9 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Reward a JSONL file of (prompt, criteria?, response, reference) pairs with the judge.
     Judge(cli::judge::JudgeArgs),
-    /// Convert WritingBench JSONL or the official Writing-RL parquet to task JSONL.
+    /// Convert WritingBench JSONL or the official Writing-RL parquet to task JSONL, or a GGUF
+    /// model to an HF model directory. or a GGUF
+    /// model to an HF model directory.
     Import(cli::import::ImportArgs),
     /// Margin-aware data selection: keep the tasks with the largest (best candidate - policy)
     /// margins, with reference ladders ordered by the judge's scores.
