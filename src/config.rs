@@ -23,6 +23,8 @@ pub struct Config {
     pub engine: EngineConfig,
     #[serde(default)]
     pub run: RunConfig,
+    #[serde(default)]
+    pub learner: crate::learner::LearnerConfig,
 }
 
 /// The policy model: an HF directory (config.json, tokenizer.json, safetensors) or a GGUF file.
@@ -163,6 +165,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let mut p = Problems::default();
         self.engine.validate("engine", &mut p);
+        self.learner.validate("learner", &mut p);
         if p.0.is_empty() {
             Ok(())
         } else {

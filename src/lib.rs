@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod fsutil;
 pub mod judge;
+pub mod learner;
 pub mod progress;
 pub mod tiny;
 

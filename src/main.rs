@@ -48,6 +48,9 @@ enum BenchCommand {
         #[arg(long)]
         max_new_tokens: Option<usize>,
     },
+    /// Forward+backward tokens/s and peak memory of the tch learner (compare with
+    /// scripts/bench_learner_torch.py).
+    Learner(cli::bench_learner::BenchLearnerArgs),
 }
 
 async fn dispatch(cmd: Command) -> Result<()> {
@@ -83,6 +86,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats).await?;
             Ok(())
         }
+        Command::Bench(BenchCommand::Learner(args)) => cli::bench_learner::run(args),
         Command::TinyModel { arch, seed, out } => {
             let spec = match arch.as_str() {
                 "llama" => orchestrator::tiny::TinySpec::llama(seed),

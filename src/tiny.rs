@@ -240,7 +240,7 @@ pub fn train_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
             .min_frequency(1)
             .show_progress(false)
             .special_tokens(specials.clone())
-            .initial_alphabet(ByteLevel::alphabet())
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build(),
     );
     let corpus: Vec<String> = CORPUS.iter().map(|s| s.to_string()).collect();

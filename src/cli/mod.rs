@@ -1,3 +1,4 @@
 //! Subcommand implementations; `main.rs` only parses arguments.
 
+pub mod bench_learner;
 pub mod generate;

@@ -216,7 +216,7 @@ impl CustomLogitsProcessor for RecordingSampler {
         let (id, lp) = draw(&values, self.params, u);
         {
             let mut rec = self.record.lock().unwrap();
-            let prompt_len = *rec.prompt.get_or_insert_with(|| context.to_vec()).len();
+            let prompt_len = rec.prompt.get_or_insert_with(|| context.to_vec()).len();
             let gen_pos = position.checked_sub(prompt_len).unwrap_or(0);
             rec.tokens.split_off(&gen_pos);
             rec.tokens.insert(gen_pos, (id, lp));
