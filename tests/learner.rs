@@ -427,3 +427,22 @@ async fn activation_recompute_gives_the_same_update() {
         assert!(a.allclose(b, 1e-6, 1e-7, false), "{n}: max diff {}", (a - b).abs().max().double_value(&[]));
     }
 }
+
+/// The `[learner]` section loads from TOML with the rest of the config; bad values name their key.
+#[test]
+fn learner_config_section_loads_and_names_bad_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let extra = "[learner]\nalgorithm = \"grpo\"\nlr = 2e-5\ndual_clip = 3.0\n[learner.lora]\nenabled = true\nrank = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n";
+    let (_, c) = common::config_for(tmp.path(), &model, extra);
+    assert_eq!(c.learner.algorithm, Algorithm::Grpo);
+    assert_eq!(c.learner.lora.rank, 8);
+    assert_eq!(c.learner.dual_clip, Some(3.0));
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(&path, format!("[model]\npath = {:?}\n[learner]\nclip_range = 0.0\n[learner.lora]\nenabled = true\nalpha = -1.0\n", model.display().to_string())).unwrap();
+    let e = format!("{:#}", orchestrator::config::Config::load_with_env(&path, Vec::<(String, String)>::new()).unwrap_err());
+    assert!(e.contains("learner.clip_range") && e.contains("learner.lora.alpha") && e.contains("bad.toml"), "{e}");
+    std::fs::write(&path, format!("[model]\npath = {:?}\n[learner]\nalgorithm = \"dpo\"\n", model.display().to_string())).unwrap();
+    let e = format!("{:#}", orchestrator::config::Config::load_with_env(&path, Vec::<(String, String)>::new()).unwrap_err());
+    assert!(e.contains("learner.algorithm"), "{e}");
+}

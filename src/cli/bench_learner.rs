@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
-use crate::learner::batch::{token_stats, trunk_backward, trunk_forward};
+use crate::learner::batch::{token_stats, trunk_backward, trunk_forward, Entropy};
 use crate::learner::config::parse_device;
 use crate::learner::model::{write_all, CausalLm, Fwd};
 use crate::progress::Progress;
@@ -94,7 +94,7 @@ pub fn run(a: BenchLearnerArgs) -> Result<()> {
         let mut s = 0;
         while s < rows {
             let len = chunk.min(rows - s);
-            let (lp, _) = token_stats(&hd.narrow(0, s, len), lm.lm_head_weight(), &targets.narrow(0, s, len), 1.0, a.logprob_chunk, false);
+            let (lp, _) = token_stats(&hd.narrow(0, s, len), lm.lm_head_weight(), &targets.narrow(0, s, len), 1.0, a.logprob_chunk, Entropy::Skip);
             let obj = lp.sum(Kind::Float) * (-1.0 / n);
             loss += obj.double_value(&[]);
             obj.backward();

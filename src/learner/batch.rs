@@ -67,8 +67,16 @@ pub fn split_by_tokens(order: &[usize], len_of: impl Fn(usize) -> usize, budget:
     out
 }
 
+/// Whether [`token_stats`] computes the entropy, and with a graph or as a plain value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entropy {
+    Skip,
+    Value,
+    Grad,
+}
+
 /// ln softmax(h W^T * inv_t)[target] and the entropy of that distribution, `chunk` rows at a time.
-pub fn token_stats(h: &Tensor, w: &Tensor, targets: &Tensor, inv_t: f64, chunk: usize, entropy: bool) -> (Tensor, Option<Tensor>) {
+pub fn token_stats(h: &Tensor, w: &Tensor, targets: &Tensor, inv_t: f64, chunk: usize, entropy: Entropy) -> (Tensor, Option<Tensor>) {
     let n = h.size()[0];
     let chunk = chunk.max(1) as i64;
     let (mut lps, mut ents) = (Vec::new(), Vec::new());
@@ -80,13 +88,18 @@ pub fn token_stats(h: &Tensor, w: &Tensor, targets: &Tensor, inv_t: f64, chunk: 
         let lse = logits.logsumexp(-1, true);
         let tgt = targets.narrow(0, s, len).unsqueeze(1);
         lps.push((logits.gather(1, &tgt, false) - &lse).squeeze_dim(1));
-        if entropy {
-            let logp = &logits - &lse;
-            ents.push(-(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float));
+        let ent = |logits: &Tensor, lse: &Tensor| {
+            let logp = logits - lse;
+            -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float)
+        };
+        match entropy {
+            Entropy::Skip => {}
+            Entropy::Value => ents.push(tch::no_grad(|| ent(&logits.detach(), &lse.detach()))),
+            Entropy::Grad => ents.push(ent(&logits, &lse)),
         }
         s += len;
     }
-    let ent = entropy.then(|| Tensor::cat(&ents, 0));
+    let ent = (entropy != Entropy::Skip).then(|| Tensor::cat(&ents, 0));
     (Tensor::cat(&lps, 0), ent)
 }
 
@@ -195,7 +208,7 @@ mod tests {
         let want = full.gather(1, &tgt.unsqueeze(1), false).squeeze_dim(1);
         let want_ent = -(full.exp() * &full).sum_dim_intlist(-1, false, Kind::Float);
         for chunk in [1, 3, 7, 100] {
-            let (lp, ent) = token_stats(&h, &w, &tgt, 0.5, chunk, true);
+            let (lp, ent) = token_stats(&h, &w, &tgt, 0.5, chunk, Entropy::Grad);
             assert!(lp.allclose(&want, 1e-6, 1e-6, false), "chunk {chunk}");
             assert!(ent.unwrap().allclose(&want_ent, 1e-6, 1e-6, false));
         }

@@ -31,7 +31,7 @@ use tch::{Kind, Tensor};
 pub use config::{Algorithm, LearnerConfig};
 pub use model::{CausalLm, Fwd};
 
-use batch::{pack, split_by_tokens, token_stats, trunk_backward, trunk_forward};
+use batch::{pack, split_by_tokens, token_stats, trunk_backward, trunk_forward, Entropy};
 use optim::{AdamW, AdamWConfig};
 
 /// One scored rollout: what the update may learn from.
@@ -237,7 +237,7 @@ impl Learner {
             let mb = pack(&sub, lm.device());
             let h = lm.trunk(&mb.ids, None, f);
             let sel = h.view([-1, lm.cfg.hidden_size as i64]).index_select(0, &mb.pred_pos);
-            let (lp, _) = token_stats(&sel, lm.lm_head_weight(), &mb.targets, inv_t, self.cfg.logprob_chunk, false);
+            let (lp, _) = token_stats(&sel, lm.lm_head_weight(), &mb.targets, inv_t, self.cfg.logprob_chunk, Entropy::Skip);
             let lp = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;
             let vals = match (&self.value_head, values) {
                 (Some(vh), true) => Vec::<f32>::try_from(vh.forward(&sel).to_device(tch::Device::Cpu))?,
@@ -391,60 +391,51 @@ impl Learner {
         let sel = trunk.h().view([-1, lm.cfg.hidden_size as i64]).index_select(0, &mb.pred_pos);
         let hd = sel.detach().set_requires_grad(true);
         let w_head = lm.lm_head_weight();
-        let chunk = self.cfg.logprob_chunk;
-        let (lp, ent) = tch::no_grad(|| token_stats(&hd, w_head, &mb.targets, inv_t, chunk, true));
+        let chunk = self.cfg.logprob_chunk as i64;
         let want_ent = self.cfg.entropy_coef > 0.0;
-        let lp_leaf = lp.detach().set_requires_grad(true);
-        let ent_leaf = ent.expect("entropy requested").detach().set_requires_grad(want_ent);
-
+        let entropy = if want_ent { Entropy::Grad } else { Entropy::Value };
         let wv: Vec<f32> = weights.iter().flat_map(|w| w.iter().copied()).collect();
-        let wt = Tensor::from_slice(&wv).to_device(dev);
-        let pl = loss::ppo_policy_loss(&lp_leaf, &flat(&scored.old_logp), &flat(&scored.adv), &wt, self.cfg.clip_range, self.cfg.dual_clip);
-        let mut total = pl.loss.shallow_clone();
-        let ent_mean = (&ent_leaf * &wt).sum(Kind::Float);
-        if want_ent {
-            total = total - &ent_mean * self.cfg.entropy_coef;
-        }
-        let mut kl_val = 0.0;
-        if let Some(r) = &scored.ref_logp {
-            let kl = (loss::kl_estimate(&lp_leaf, &flat(r), self.cfg.kl_estimator) * &wt).sum(Kind::Float);
-            kl_val = kl.double_value(&[]);
-            total = total + kl * self.cfg.kl_coef;
-        }
-        let mut vloss = 0.0;
-        if let (Some(vh), Some(old_v), Some(ret)) = (&self.value_head, &scored.old_values, &scored.returns) {
-            let v = vh.forward(&hd);
-            let vl = loss::value_loss(&v, &flat(old_v), &flat(ret), &wt, self.cfg.value_clip);
-            vloss = vl.double_value(&[]);
-            total = total + vl * self.cfg.value_coef;
-        }
-        total.backward();
+        let (wt, old_lp, adv) = (Tensor::from_slice(&wv).to_device(dev), flat(&scored.old_logp), flat(&scored.adv));
+        let ref_lp = scored.ref_logp.as_ref().map(flat);
 
-        // Second pass over the logit chunks, now with a graph, fed with d loss / d ln p (and d entropy).
-        let g_lp = lp_leaf.grad();
-        let g_ent = if want_ent { Some(ent_leaf.grad()) } else { None };
+        // Every per-token term depends only on its own token, so each logit chunk's loss is
+        // back-propagated at once and its [chunk, vocab] activations freed before the next.
         let n = hd.size()[0];
         let mut s = 0;
         while s < n {
-            let len = (chunk as i64).min(n - s);
-            let (lp_c, ent_c) =
-                token_stats(&hd.narrow(0, s, len), w_head, &mb.targets.narrow(0, s, len), inv_t, chunk, want_ent);
-            let mut obj = (lp_c * g_lp.narrow(0, s, len)).sum(Kind::Float);
-            if let (Some(e), Some(g)) = (ent_c, &g_ent) {
-                obj = obj + (e * g.narrow(0, s, len)).sum(Kind::Float);
+            let len = chunk.min(n - s);
+            let part = |t: &Tensor| t.narrow(0, s, len);
+            let (lp, ent) = token_stats(&part(&hd), w_head, &part(&mb.targets), inv_t, chunk as usize, entropy);
+            let ent = ent.expect("entropy requested");
+            let w = part(&wt);
+            let pl = loss::ppo_policy_loss(&lp, &part(&old_lp), &part(&adv), &w, self.cfg.clip_range, self.cfg.dual_clip);
+            let ent_sum = (&ent * &w).sum(Kind::Float);
+            let mut obj = pl.loss.shallow_clone();
+            if want_ent {
+                obj = obj - &ent_sum * self.cfg.entropy_coef;
+            }
+            if let Some(r) = &ref_lp {
+                let kl = (loss::kl_estimate(&lp, &part(r), self.cfg.kl_estimator) * &w).sum(Kind::Float);
+                acc.kl += kl.double_value(&[]);
+                obj = obj + kl * self.cfg.kl_coef;
             }
             obj.backward();
+            acc.loss += obj.double_value(&[]);
+            acc.policy += pl.loss.double_value(&[]);
+            acc.clip += pl.clip_fraction.double_value(&[]);
+            acc.entropy += ent_sum.double_value(&[]);
             s += len;
+        }
+        if let (Some(vh), Some(old_v), Some(ret)) = (&self.value_head, &scored.old_values, &scored.returns) {
+            let v = vh.forward(&hd);
+            let vl = loss::value_loss(&v, &flat(old_v), &flat(ret), &wt, self.cfg.value_clip);
+            acc.value += vl.double_value(&[]);
+            let scaled = vl * self.cfg.value_coef;
+            scaled.backward();
+            acc.loss += scaled.double_value(&[]);
         }
         let g_h = hd.grad();
         trunk_backward(lm, &mb.ids, trunk, &mb.pred_pos, &g_h, f, seed);
-
-        acc.loss += total.double_value(&[]);
-        acc.policy += pl.loss.double_value(&[]);
-        acc.clip += pl.clip_fraction.double_value(&[]);
-        acc.entropy += ent_mean.double_value(&[]);
-        acc.kl += kl_val;
-        acc.value += vloss;
         Ok(())
     }
 
