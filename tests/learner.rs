@@ -446,3 +446,30 @@ fn learner_config_section_loads_and_names_bad_keys() {
     let e = format!("{:#}", orchestrator::config::Config::load_with_env(&path, Vec::<(String, String)>::new()).unwrap_err());
     assert!(e.contains("learner.algorithm"), "{e}");
 }
+
+/// bf16 weights train through f32 master copies, and the masters survive save/load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_updates_through_f32_masters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::qwen2(81));
+    let ts = scored(&rollouts(&dir, 4, 1.0, 12).await);
+    let c = LearnerConfig { dtype: orchestrator::learner::config::LearnerDType::Bf16, lr: 1e-3, algorithm: Algorithm::Grpo, ..cfg() };
+    let mut l = Learner::new(&c, &dir, 0).unwrap();
+    assert!(l.trainable().iter().all(|(_, t)| t.kind() == Kind::BFloat16));
+    let before = trainable_snapshot(&l);
+    let st = l.update(&ts, 1.0).unwrap();
+    assert!(st.loss.is_finite() && st.grad_norm > 0.0, "{st:?}");
+    let moved = before.iter().zip(l.trainable()).filter(|((_, a), (_, b))| !a.equal(b)).count();
+    assert!(moved > 0);
+    let ck = tmp.path().join("ck");
+    l.save(&ck).unwrap();
+    let names: Vec<String> = read_all(&ck.join("optimizer.safetensors")).unwrap().into_keys().collect();
+    assert!(names.iter().any(|n| n.starts_with("master.")), "{names:?}");
+    let mut r = Learner::new(&c, &dir, 0).unwrap();
+    r.load(&ck).unwrap();
+    l.update(&ts, 1.0).unwrap();
+    r.update(&ts, 1.0).unwrap();
+    for ((n, a), (_, b)) in l.trainable().iter().zip(r.trainable()) {
+        assert!(a.equal(b), "{n} differs after a bf16 resume");
+    }
+}

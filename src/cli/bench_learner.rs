@@ -32,7 +32,7 @@ pub struct BenchLearnerArgs {
     pub device: String,
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
-    /// Timed steps (after one untimed warm-up step).
+    /// Timed steps (after one untimed warm-up step); 0 reports peak memory and the warm-up time only.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// Per-layer activation recompute.
@@ -107,8 +107,11 @@ pub fn run(a: BenchLearnerArgs) -> Result<()> {
         }
         loss
     };
-    let warm = step();
+    // The peak covers the warm-up step too (the same work), so `--steps 0` measures memory alone.
     let reset = reset_hwm();
+    let w0 = Instant::now();
+    let warm = step();
+    let warm_secs = w0.elapsed().as_secs_f64();
     let prog = Progress::new(a.steps as u64, "bench learner");
     let t0 = Instant::now();
     let mut loss = warm;
@@ -131,11 +134,11 @@ pub fn run(a: BenchLearnerArgs) -> Result<()> {
     );
     println!("loss {loss:.6} (warm-up step {warm:.6})");
     let peak = if reset { vm_hwm_mb().map(|m| format!("{m:.0} MB")) } else { None };
-    println!(
-        "tch fwd+bwd: {:.1} tokens/s ({:.3} s/step), peak RSS {}",
-        tokens / secs,
-        secs / a.steps as f64,
-        peak.unwrap_or_else(|| "unavailable".into())
-    );
+    let peak = peak.unwrap_or_else(|| "unavailable".into());
+    if a.steps == 0 {
+        println!("tch warm-up step only: {warm_secs:.3} s, peak RSS {peak}");
+    } else {
+        println!("tch fwd+bwd: {:.1} tokens/s ({:.3} s/step), peak RSS {peak}", tokens / secs, secs / a.steps as f64);
+    }
     Ok(())
 }
