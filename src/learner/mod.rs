@@ -12,6 +12,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod io;
 pub mod lora;
 pub mod loss;
 pub mod model;
