@@ -449,3 +449,13 @@ impl Learner {
         &self.model_dir
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The trainer moves the learner into `spawn_blocking` and back: it must stay `Send`.
+    #[test]
+    fn learner_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<super::Learner>();
+    }
+}
