@@ -12,9 +12,10 @@ if [ ! -x "$VENV_CUDA/bin/python" ]; then
   "$ORCH_PYTHON" -m venv "$VENV_CUDA"
 fi
 # The full torch wheel brings cudart, cublas, curand, nvrtc (site-packages/nvidia/cu13); nvcc,
-# cccl (headers such as nv/target) and nvvm (cicc) compile the kernels.
+# cccl (headers such as nv/target), nvvm (cicc) and crt compile the kernels. crt must match nvcc:
+# left unpinned, pip brings crt 13.5 and nvcc 13.0 rejects its host_runtime.h.
 "$VENV_CUDA/bin/pip" install --quiet --disable-pip-version-check "torch==$ORCH_TORCH_VERSION" \
-  "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*"
+  "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*"
 SP="$("$VENV_CUDA/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 CU="$SP/nvidia/cu13"
 export CUDA_ROOT="$CU" CUDA_PATH="$CU" CUDA_HOME="$CU" PATH="$CU/bin:$PATH"

@@ -33,6 +33,8 @@ pub struct Config {
     pub curriculum: crate::curriculum::CurriculumConfig,
     #[serde(default)]
     pub selection: crate::selection::SelectionConfig,
+    #[serde(default)]
+    pub learner: crate::learner::LearnerConfig,
 }
 
 /// The policy model: an HF directory (config.json, tokenizer.json, safetensors) or a GGUF file.
@@ -179,6 +181,7 @@ impl Config {
         self.reward.validate("reward", &mut p);
         self.data.validate("data", &mut p);
         self.selection.validate("selection", &mut p);
+        self.learner.validate("learner", &mut p);
         if p.0.is_empty() {
             Ok(())
         } else {

@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod gguf;
 pub mod judge;
 pub mod metrics;
+pub mod learner;
 pub mod progress;
 pub mod rundir;
 pub mod reward;

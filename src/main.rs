@@ -80,6 +80,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1280)]
         calls: usize,
     },
+    /// Forward+backward tokens/s and peak memory of the tch learner (compare with
+    /// scripts/bench_learner_torch.py).
+    Learner(cli::bench_learner::BenchLearnerArgs),
 }
 
 async fn dispatch(cmd: Command) -> Result<()> {
@@ -124,6 +127,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats).await?;
             Ok(())
         }
+        Command::Bench(BenchCommand::Learner(args)) => cli::bench_learner::run(args),
         Command::TinyModel { arch, seed, out } => {
             let spec = match arch.as_str() {
                 "llama" => orchestrator::tiny::TinySpec::llama(seed),

@@ -1,0 +1,117 @@
+//! safetensors in and out: memory-mapped reads one tensor at a time, atomic writes, and
+//! name/shape-checked copies into variables.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Copies `src` into the variable `dst`, converting dtype and device; shapes must match.
+pub fn copy_checked(dst: &Tensor, src: &Tensor, name: &str) -> Result<()> {
+    ensure!(
+        dst.size() == src.size(),
+        "tensor {name} has shape {:?}, expected {:?}",
+        src.size(),
+        dst.size()
+    );
+    let _g = tch::no_grad_guard();
+    let mut d = dst.shallow_clone();
+    d.f_copy_(src).with_context(|| format!("copying tensor {name}"))?;
+    Ok(())
+}
+
+/// The safetensors files of a model directory: the shards listed in
+/// `model.safetensors.index.json`, or `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no weight_map object", index.display()))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        ensure!(!files.is_empty(), "{}: empty weight_map", index.display());
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    ensure!(single.is_file(), "{}: no model.safetensors or model.safetensors.index.json", dir.display());
+    Ok(vec![single])
+}
+
+fn kind_of(d: safetensors::Dtype) -> Result<Kind> {
+    use safetensors::Dtype as D;
+    Ok(match d {
+        D::F32 => Kind::Float,
+        D::BF16 => Kind::BFloat16,
+        D::F16 => Kind::Half,
+        D::F64 => Kind::Double,
+        D::I64 => Kind::Int64,
+        other => bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// Calls `f(name, tensor)` for each tensor of a safetensors file, one at a time from a memory
+/// map, so loading never holds a second copy of the whole model.
+pub fn for_each_tensor(path: &Path, mut f: impl FnMut(&str, Tensor) -> Result<()>) -> Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: the file is only read; a concurrent writer would be a bug elsewhere (we write atomically).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).with_context(|| format!("parsing {}", path.display()))?;
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name)?;
+        let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&x| x as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        f(&name, t)?;
+    }
+    Ok(())
+}
+
+/// Reads a whole safetensors file into a name -> tensor map (small files: adapters, optimizer state).
+pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for_each_tensor(path, |n, t| {
+        out.insert(n.to_string(), t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Writes named tensors as one safetensors file, atomically.
+pub fn write_all(path: &Path, tensors: &[(String, Tensor)], metadata: Option<std::collections::HashMap<String, String>>) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous())).collect();
+    let bytes: Vec<Vec<u8>> = cpu
+        .iter()
+        .map(|(n, t)| {
+            let numel = t.numel();
+            let mut buf = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut buf, numel).with_context(|| format!("reading tensor {n}"))?;
+            Ok(buf)
+        })
+        .collect::<Result<_>>()?;
+    let views = cpu
+        .iter()
+        .zip(&bytes)
+        .map(|((n, t), b)| {
+            let dtype = match t.kind() {
+                Kind::Float => safetensors::Dtype::F32,
+                Kind::BFloat16 => safetensors::Dtype::BF16,
+                Kind::Half => safetensors::Dtype::F16,
+                Kind::Double => safetensors::Dtype::F64,
+                Kind::Int64 => safetensors::Dtype::I64,
+                k => bail!("tensor {n}: cannot save kind {k:?}"),
+            };
+            let shape: Vec<usize> = t.size().iter().map(|&x| x as usize).collect();
+            Ok((n.clone(), safetensors::tensor::TensorView::new(dtype, shape, b)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::serialize(views, metadata)?;
+    crate::fsutil::atomic_write(path, &data)
+}
