@@ -9,6 +9,7 @@ pub mod data;
 pub mod engine;
 pub mod fsutil;
 pub mod gguf;
+pub mod jsonl;
 pub mod judge;
 pub mod metrics;
 pub mod learner;

@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::Problems;
+use crate::engine::sampler::splitmix64;
 use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,14 +142,6 @@ fn outcome_of(v: Verdict, response_first: bool) -> Outcome {
 fn soft_value(cfg: &RewardConfig, p: &LabelProbs, response_first: bool) -> f64 {
     let (p_win, p_loss) = if response_first { (p.first, p.second) } else { (p.second, p.first) };
     p_win * cfg.win + p.tie * cfg.tie + p_loss * cfg.loss
-}
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The orders to ask in, as `response_first` flags. `key` identifies the rollout (e.g. a hash

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -51,32 +51,13 @@ pub struct PromptLine {
 
 /// Reads prompts; every bad line is an error naming `FILE:LINE`.
 pub fn read_prompts(path: &Path) -> Result<Vec<(String, PromptLine)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut ids = crate::jsonl::UniqueIds::default();
     let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (i, line) in text.lines().enumerate() {
-        let lineno = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let p: PromptLine = serde_json::from_str(line)
-            .with_context(|| format!("{}:{lineno}: not a prompt object", path.display()))?;
+    for (lineno, p) in crate::jsonl::read_records::<PromptLine>(path, "a prompt object", "prompts")? {
         if p.prompt.trim().is_empty() {
             bail!("{}:{lineno}: empty prompt", path.display());
         }
-        let id = match &p.id {
-            None => format!("line-{lineno}"),
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(other) => bail!("{}:{lineno}: id must be a string or number, got {other}", path.display()),
-        };
-        if !seen.insert(id.clone()) {
-            bail!("{}:{lineno}: duplicate id {id:?}", path.display());
-        }
-        out.push((id, p));
-    }
-    if out.is_empty() {
-        bail!("{}: no prompts", path.display());
+        out.push((ids.from_json(path, lineno, p.id.as_ref())?, p));
     }
     Ok(out)
 }

@@ -43,35 +43,16 @@ pub struct PairLine {
 
 /// Reads pairs; every bad line is an error naming `FILE:LINE`.
 pub fn read_pairs(path: &Path) -> Result<Vec<(String, PairLine)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut ids = crate::jsonl::UniqueIds::default();
     let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (i, line) in text.lines().enumerate() {
-        let lineno = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let p: PairLine = serde_json::from_str(line).map_err(|e| {
-            anyhow::anyhow!("{}:{lineno}: not a pair object (prompt, response, reference): {e}", path.display())
-        })?;
+    let records = crate::jsonl::read_records::<PairLine>(path, "a pair object (prompt, response, reference)", "pairs")?;
+    for (lineno, p) in records {
         for (name, v) in [("prompt", &p.prompt), ("response", &p.response), ("reference", &p.reference)] {
             if v.trim().is_empty() {
                 bail!("{}:{lineno}: empty {name}", path.display());
             }
         }
-        let id = match &p.id {
-            None => format!("line-{lineno}"),
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(other) => bail!("{}:{lineno}: id must be a string or number, got {other}", path.display()),
-        };
-        if !seen.insert(id.clone()) {
-            bail!("{}:{lineno}: duplicate id {id:?}", path.display());
-        }
-        out.push((id, p));
-    }
-    if out.is_empty() {
-        bail!("{}: no pairs", path.display());
+        out.push((ids.from_json(path, lineno, p.id.as_ref())?, p));
     }
     Ok(out)
 }

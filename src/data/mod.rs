@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::Problems;
@@ -109,25 +109,13 @@ pub enum References {
 /// Reads native task JSONL. Blank lines are skipped; every other bad line is an error naming
 /// `FILE:LINE`; duplicate ids are errors naming both lines.
 pub fn read_tasks(path: &Path, refs: References) -> Result<Vec<Task>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut ids = crate::jsonl::UniqueIds::default();
     let mut tasks = Vec::new();
-    let mut seen = std::collections::HashMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let lineno = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let task: Task = serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("{}:{lineno}: not a task: {e}", path.display()))?;
+    for (lineno, task) in crate::jsonl::read_records::<Task>(path, "a task", "tasks")? {
         task.check(refs == References::Required)
             .map_err(|e| anyhow::anyhow!("{}:{lineno}: {e}", path.display()))?;
-        if let Some(first) = seen.insert(task.id.clone(), lineno) {
-            bail!("{}:{lineno}: duplicate id {:?} (first on line {first})", path.display(), task.id);
-        }
+        ids.insert(path, lineno, &task.id)?;
         tasks.push(task);
-    }
-    if tasks.is_empty() {
-        bail!("{}: no tasks", path.display());
     }
     Ok(tasks)
 }

@@ -38,7 +38,8 @@ impl SeedKey {
     }
 }
 
-fn splitmix64(mut x: u64) -> u64 {
+/// SplitMix64's output function: a cheap, well-mixed hash of one u64, used to derive seeds.
+pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = x;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
