@@ -99,6 +99,39 @@ impl EmbeddedJudge {
         r.set_sampler_max_len(max_len)
     }
 
+    /// Asks `prompt`, parses the reply, and on a parse failure (when re-asking is on) asks once
+    /// more with `reask` in the same conversation. Returns the parse or the reason it failed,
+    /// and every reply for the samples log.
+    async fn ask<T>(
+        &self,
+        prompt: String,
+        reask: &str,
+        parse: impl Fn(&str) -> std::result::Result<T, String>,
+    ) -> (std::result::Result<T, String>, String) {
+        let join = |raw: &[String]| raw.join("\n--- re-ask ---\n");
+        let mut messages = vec![(TextMessageRole::User, prompt)];
+        let mut raw = Vec::new();
+        let asks = if self.reask { 2 } else { 1 };
+        let mut why = String::new();
+        for ask in 0..asks {
+            let text = match self.generate(&messages).await {
+                Ok(t) => t,
+                Err(e) => return (Err(format!("{e:#}")), join(&raw)),
+            };
+            raw.push(text.clone());
+            match parse(&text) {
+                Ok(v) => return (Ok(v), join(&raw)),
+                Err(f) => why = f,
+            }
+            if ask + 1 < asks {
+                messages.push((TextMessageRole::Assistant, text));
+                messages.push((TextMessageRole::User, reask.to_string()));
+            }
+        }
+        let reason = if self.reask { format!("{why} (after one re-ask)") } else { why };
+        (Err(reason), join(&raw))
+    }
+
     async fn generate(&self, messages: &[(TextMessageRole, String)]) -> Result<String> {
         let resp = self
             .engine
@@ -182,85 +215,29 @@ impl Judge for EmbeddedJudge {
                 Err(e) => JudgeOutput::unscored(format!("{e:#}"), String::new(), ms(start), 0),
             };
         }
-        let mut messages = vec![(TextMessageRole::User, self.templates.pairwise(&c, None))];
-        let mut raw = Vec::new();
-        let asks = if self.reask { 2 } else { 1 };
-        let mut why = String::new();
-        for ask in 0..asks {
-            let text = match self.generate(&messages).await {
-                Ok(t) => t,
-                Err(e) => return JudgeOutput::unscored(format!("{e:#}"), raw.join("\n--- re-ask ---\n"), ms(start), 0),
-            };
-            raw.push(text.clone());
-            match verdict::parse_verdict(&text) {
-                Ok(v) => {
-                    return JudgeOutput {
-                        judgement: Judgement::Scored { verdict: v, probs: None },
-                        raw: raw.join("\n--- re-ask ---\n"),
-                        latency_ms: ms(start),
-                        retries: 0,
-                    }
-                }
-                Err(f) => why = f.to_string(),
-            }
-            if ask + 1 < asks {
-                messages.push((TextMessageRole::Assistant, text));
-                messages.push((
-                    TextMessageRole::User,
-                    "Reply with the verdict tag only: [[A]], [[B]] or [[TIE]].".to_string(),
-                ));
-            }
+        let prompt = self.templates.pairwise(&c, None);
+        let reask = "Reply with the verdict tag only: [[A]], [[B]] or [[TIE]].";
+        let (parsed, raw) = self.ask(prompt, reask, |t| verdict::parse_verdict(t).map_err(|f| f.to_string())).await;
+        match parsed {
+            Ok(v) => JudgeOutput {
+                judgement: Judgement::Scored { verdict: v, probs: None },
+                raw,
+                latency_ms: ms(start),
+                retries: 0,
+            },
+            Err(reason) => JudgeOutput::unscored(reason, raw, ms(start), 0),
         }
-        let reason = if self.reask { format!("{why} (after one re-ask)") } else { why };
-        JudgeOutput::unscored(reason, raw.join("\n--- re-ask ---\n"), ms(start), 0)
     }
 
     async fn rate(&self, prompt: &str, criteria: Option<&str>, answer: &str) -> RatingOutput {
         let start = Instant::now();
-        let mut messages = vec![(TextMessageRole::User, self.templates.pointwise(prompt, criteria, answer))];
-        let mut raw = Vec::new();
-        let asks = if self.reask { 2 } else { 1 };
-        let mut why = String::new();
-        for ask in 0..asks {
-            let text = match self.generate(&messages).await {
-                Ok(t) => t,
-                Err(e) => {
-                    return RatingOutput {
-                        score: None,
-                        reason: Some(format!("{e:#}")),
-                        raw: raw.join("\n--- re-ask ---\n"),
-                        latency_ms: ms(start),
-                        retries: 0,
-                    }
-                }
-            };
-            raw.push(text.clone());
-            match verdict::parse_score(&text) {
-                Ok(s) => {
-                    return RatingOutput {
-                        score: Some(s),
-                        reason: None,
-                        raw: raw.join("\n--- re-ask ---\n"),
-                        latency_ms: ms(start),
-                        retries: 0,
-                    }
-                }
-                Err(f) => why = f.to_string(),
-            }
-            if ask + 1 < asks {
-                messages.push((TextMessageRole::Assistant, text));
-                messages.push((
-                    TextMessageRole::User,
-                    "Reply with the score tag only, for example [[SCORE: 6]].".to_string(),
-                ));
-            }
-        }
-        RatingOutput {
-            score: None,
-            reason: Some(if self.reask { format!("{why} (after one re-ask)") } else { why }),
-            raw: raw.join("\n--- re-ask ---\n"),
-            latency_ms: ms(start),
-            retries: 0,
-        }
+        let reask = "Reply with the score tag only, for example [[SCORE: 6]].";
+        let prompt = self.templates.pointwise(prompt, criteria, answer);
+        let (parsed, raw) = self.ask(prompt, reask, |t| verdict::parse_score(t).map_err(|f| f.to_string())).await;
+        let (score, reason) = match parsed {
+            Ok(s) => (Some(s), None),
+            Err(reason) => (None, Some(reason)),
+        };
+        RatingOutput { score, reason, raw, latency_ms: ms(start), retries: 0 }
     }
 }
