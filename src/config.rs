@@ -74,11 +74,83 @@ pub enum DType {
 pub struct RunConfig {
     /// Root of every random stream in a run (sampling, task order, learner).
     pub seed: u64,
+    /// Run name: the run directory is `<root>/<name>` unless `--run-dir` is given. Empty = the
+    /// config file's stem.
+    pub name: String,
+    /// Where run directories live, relative to the working directory.
+    pub root: PathBuf,
+    /// Training steps in the whole run (a resumed run continues up to this step).
+    pub steps: u64,
+    /// Prompts per step.
+    pub batch_prompts: usize,
+    /// Rollouts per prompt.
+    pub n_samples: usize,
+    /// Export the learner's weights to the engine every N steps (1 = on-policy).
+    pub sync_every: u64,
+    /// Write a checkpoint every N steps (the last step always gets one).
+    pub save_every: u64,
+    /// Checkpoints kept: the newest `keep_last`, plus every step divisible by `keep_every` (0 = none).
+    pub keep_last: usize,
+    pub keep_every: u64,
+    /// Rollouts judged at once while the engine is still generating.
+    pub judge_concurrency: usize,
+    /// When the judge's circuit breaker is open at the end of a step's judging: `stop` saves a
+    /// checkpoint and exits; `pause` waits for the judge and re-asks the unscored rollouts.
+    pub on_judge_down: OnJudgeDown,
+    /// `pause`: give up (checkpoint and exit) after waiting this long for the judge.
+    pub judge_down_max_wait_secs: f64,
+    /// Shuffle the task order each epoch.
+    pub shuffle: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnJudgeDown {
+    #[default]
+    Stop,
+    Pause,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { seed: 0 }
+        Self {
+            seed: 0,
+            name: String::new(),
+            root: PathBuf::from("runs"),
+            steps: 100,
+            batch_prompts: 8,
+            n_samples: 4,
+            sync_every: 1,
+            save_every: 10,
+            keep_last: 3,
+            keep_every: 0,
+            judge_concurrency: 32,
+            on_judge_down: OnJudgeDown::Stop,
+            judge_down_max_wait_secs: 600.0,
+            shuffle: true,
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn validate(&self, key: &str, p: &mut Problems) {
+        for (name, v) in [
+            ("steps", self.steps),
+            ("batch_prompts", self.batch_prompts as u64),
+            ("n_samples", self.n_samples as u64),
+            ("sync_every", self.sync_every),
+            ("save_every", self.save_every),
+            ("keep_last", self.keep_last as u64),
+            ("judge_concurrency", self.judge_concurrency as u64),
+        ] {
+            if v == 0 {
+                p.push(&format!("{key}.{name}"), "must be >= 1, got 0");
+            }
+        }
+        p.at_least(&format!("{key}.judge_down_max_wait_secs"), self.judge_down_max_wait_secs, 0.0);
+        if self.name.contains('/') || self.name == ".." || self.name == "." {
+            p.push(&format!("{key}.name"), format!("must be a plain directory name, got {:?}", self.name));
+        }
     }
 }
 
@@ -177,6 +249,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let mut p = Problems::default();
         self.engine.validate("engine", &mut p);
+        self.run.validate("run", &mut p);
         self.judge.validate("judge", &mut p);
         self.reward.validate("reward", &mut p);
         self.data.validate("data", &mut p);

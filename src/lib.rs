@@ -18,6 +18,7 @@ pub mod rundir;
 pub mod reward;
 pub mod selection;
 pub mod tiny;
+pub mod trainer;
 
 /// Proof that libtorch is linked and usable: a 2x2 matmul through tch.
 pub fn libtorch_matmul_check() -> Vec<f32> {

@@ -16,6 +16,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train: rollouts, judge rewards, curriculum, learner updates, weight sync, checkpoints.
+    /// Resumes from the run directory's newest complete checkpoint by default.
+    Run(RunArgs),
     /// Validate a config file (and environment overrides) without loading any weights.
     Check { config: PathBuf },
     /// Sample answers for a JSONL file of prompts.
@@ -43,8 +46,27 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    config: PathBuf,
+    /// Run directory (default: <run.root>/<run.name or the config file's stem>).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// `auto` (newest complete checkpoint, if any), `never` (a fresh run; refused over an
+    /// existing one) or a checkpoint directory.
+    #[arg(long, default_value = "auto")]
+    resume: orchestrator::trainer::Resume,
+    /// Config keys (or prefixes, comma-separated) that may differ from the run's saved config on
+    /// resume, e.g. `judge.openai.base_url,run.steps`.
+    #[arg(long, value_delimiter = ',')]
+    allow_config_change: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The training loop's overheads on a tiny model and a scripted judge: generation/judging
+    /// overlap, sync cost vs copy bandwidth, time outside engine, judge and learner.
+    Run(orchestrator::trainer::bench::BenchRunArgs),
     /// `select` against the scripted judge at a fixed latency: wall time vs calls x latency / concurrency.
     Select {
         #[arg(long, default_value_t = 100)]
@@ -85,8 +107,43 @@ enum BenchCommand {
     Learner(cli::bench_learner::BenchLearnerArgs),
 }
 
+/// Exit status of a run stopped because the judge stayed unavailable.
+const EXIT_JUDGE_DOWN: u8 = 3;
+
+async fn run(args: RunArgs) -> Result<ExitCode> {
+    use orchestrator::trainer::{self, Ended, RunOptions};
+    let opts = RunOptions {
+        config: args.config.clone(),
+        run_dir: args.run_dir,
+        resume: args.resume,
+        allow_config_change: args.allow_config_change,
+    };
+    let resume_hint = |dir: &std::path::Path| {
+        format!("orchestrator run {} --run-dir {}", args.config.display(), dir.display())
+    };
+    Ok(match trainer::run(opts).await? {
+        Ended::Completed { step, run_dir } => {
+            println!("run complete at step {step}: {}", run_dir.display());
+            ExitCode::SUCCESS
+        }
+        Ended::Interrupted { step, run_dir } => {
+            println!("interrupted; checkpoint at step {step}. Resume with: {}", resume_hint(&run_dir));
+            ExitCode::SUCCESS
+        }
+        Ended::JudgeDown { step, run_dir, reason } => {
+            eprintln!(
+                "error: stopped: {reason}\ncheckpoint at step {step}; once the judge is back, resume with: {}",
+                resume_hint(&run_dir)
+            );
+            ExitCode::from(EXIT_JUDGE_DOWN)
+        }
+    })
+}
+
 async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Run(_) => unreachable!("handled in main"),
+        Command::Bench(BenchCommand::Run(args)) => orchestrator::trainer::bench::run(args).await,
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             println!(
@@ -150,8 +207,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match cli.command {
+        Command::Run(args) => rt.block_on(run(args)),
+        other => rt.block_on(dispatch(other)).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

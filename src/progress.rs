@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct Progress {
     bar: ProgressBar,
@@ -18,13 +18,35 @@ const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 impl Progress {
     pub fn new(len: u64, what: &str) -> Self {
-        let terminal = std::io::stderr().is_terminal();
-        let bar = ProgressBar::new(len);
-        bar.set_draw_target(if terminal {
-            ProgressDrawTarget::stderr()
+        Self::build(len, what, None)
+    }
+
+    /// A bar drawn as one line of `multi` (on a terminal; plain lines otherwise).
+    pub fn in_multi(multi: &MultiProgress, len: u64, what: &str) -> Self {
+        Self::build(len, what, Some(multi))
+    }
+
+    /// A `MultiProgress` that draws on stderr when it is a terminal and nowhere otherwise.
+    pub fn multi() -> MultiProgress {
+        if std::io::stderr().is_terminal() {
+            MultiProgress::new()
         } else {
-            ProgressDrawTarget::hidden()
-        });
+            MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+        }
+    }
+
+    fn build(len: u64, what: &str, multi: Option<&MultiProgress>) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let mut bar = ProgressBar::new(len);
+        if let Some(m) = multi {
+            bar = m.add(bar);
+        } else {
+            bar.set_draw_target(if terminal {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            });
+        }
         bar.set_style(
             ProgressStyle::with_template(&format!(
                 "{what} [{{elapsed_precise}}] {{bar:30.cyan/blue}} {{pos}}/{{len}} ({{per_sec}}, ETA {{eta}}) {{msg}}"
@@ -42,6 +64,28 @@ impl Progress {
     pub fn inc(&self, n: u64) {
         self.bar.inc(n);
         self.maybe_line(false);
+    }
+
+    /// Starts the bar over with a new length (a new step's phase).
+    pub fn restart(&self, len: u64) {
+        self.bar.reset();
+        self.bar.set_length(len);
+        if let Some(last) = &self.plain {
+            *last.lock().unwrap() = (Instant::now(), u64::MAX);
+        }
+    }
+
+    pub fn position(&self) -> u64 {
+        self.bar.position()
+    }
+
+    /// Prints a line above the bars (or plainly when there are none).
+    pub fn println(&self, line: impl AsRef<str>) {
+        if self.plain.is_some() {
+            eprintln!("{}", line.as_ref());
+        } else {
+            self.bar.suspend(|| eprintln!("{}", line.as_ref()));
+        }
     }
 
     pub fn set_message(&self, msg: impl Into<String>) {

@@ -39,6 +39,44 @@ struct State {
 impl CausalLm {
     /// Every base weight under its HF name, LoRA adapters merged in.
     pub fn merged_weights(&self) -> Vec<(String, Tensor)> {
+        let mut merged = self.lora_merged();
+        let vars = self.vs.variables();
+        self.base_names()
+            .iter()
+            .map(|n| {
+                let t = merged.remove(n).unwrap_or_else(|| vars[n].detach());
+                (n.clone(), t)
+            })
+            .collect()
+    }
+
+    /// The base weights training can change, under their HF names: the LoRA-targeted
+    /// projections (merged) with adapters, every weight otherwise. A weight sync writes only
+    /// these; the rest (`frozen_weights`) is written once per run.
+    pub fn changed_weights(&self) -> Vec<(String, Tensor)> {
+        let merged = self.lora_merged();
+        if merged.is_empty() {
+            return self.merged_weights();
+        }
+        merged.into_iter().collect()
+    }
+
+    /// The base weights training never changes (empty without LoRA).
+    pub fn frozen_weights(&self) -> Vec<(String, Tensor)> {
+        let merged = self.lora_merged();
+        if merged.is_empty() {
+            return Vec::new();
+        }
+        let vars = self.vs.variables();
+        self.base_names()
+            .iter()
+            .filter(|n| !merged.contains_key(*n))
+            .map(|n| (n.clone(), vars[n].detach()))
+            .collect()
+    }
+
+    /// Projections carrying an adapter, with the adapter merged in, by HF weight name.
+    fn lora_merged(&self) -> BTreeMap<String, Tensor> {
         let mut merged: BTreeMap<String, Tensor> = BTreeMap::new();
         for (i, l) in self.model.layers.iter().enumerate() {
             let a = &l.self_attn;
@@ -57,14 +95,7 @@ impl CausalLm {
                 }
             }
         }
-        let vars = self.vs.variables();
-        self.base_names()
-            .iter()
-            .map(|n| {
-                let t = merged.remove(n).unwrap_or_else(|| vars[n].detach());
-                (n.clone(), t)
-            })
-            .collect()
+        merged
     }
 
     /// LoRA adapter tensors under PEFT's names.
@@ -97,12 +128,18 @@ impl Learner {
     /// merged) that `MistralEngine::load`/`reload` serve. Files are written atomically; the
     /// weights file last, so a reader never pairs new weights with a missing config.
     pub fn export(&self, dir: &Path) -> Result<()> {
+        self.export_config(dir)?;
+        write_all(&dir.join("model.safetensors"), &self.policy.merged_weights(), None)
+    }
+
+    /// Writes the model files of an HF directory except the weights: config.json and the
+    /// tokenizer files of the source model.
+    pub fn export_config(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cfg_src = self.model_dir.join("config.json");
         let cfg = std::fs::read(&cfg_src).with_context(|| format!("reading {}", cfg_src.display()))?;
         crate::fsutil::atomic_write(&dir.join("config.json"), &cfg)?;
-        copy_tokenizer_files(&self.model_dir, dir)?;
-        write_all(&dir.join("model.safetensors"), &self.policy.merged_weights(), None)
+        copy_tokenizer_files(&self.model_dir, dir)
     }
 
     /// Writes the LoRA adapter as `peft` does: adapter_config.json + adapter_model.safetensors.

@@ -1,0 +1,230 @@
+//! `orchestrator bench run`: the training loop's own costs on a tiny model and a scripted judge
+//! of fixed latency, as ratios measured in one run.
+//!
+//! 1. overlap: rollout+judge phase wall / max(generation alone, judging alone), same rollouts;
+//! 2. sync: weight-sync wall / (bytes written / this machine's measured copy bandwidth);
+//! 3. overhead: share of step time outside engine, judge, learner, sync and checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::Semaphore;
+
+use super::{prepare, sync, task_messages, Resume, RunOptions, Trainer};
+use crate::data::{write_tasks, References, Task};
+use crate::engine::{GenRequest, SeedKey};
+use crate::judge::scripted::{rules, Behavior, ScriptedServer};
+use crate::reward::{self, RewardInput};
+use crate::tiny::TinySpec;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchRunArgs {
+    /// Judge latency per call (scripted server on 127.0.0.1).
+    #[arg(long, default_value_t = 100)]
+    pub latency_ms: u64,
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 4)]
+    pub n: usize,
+    #[arg(long, default_value_t = 48)]
+    pub max_new_tokens: usize,
+    /// Training steps for the overhead measurement.
+    #[arg(long, default_value_t = 6)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Train LoRA adapters (sync writes only the adapted projections).
+    #[arg(long)]
+    pub lora: bool,
+    /// Model to train instead of a tiny random one (an HF directory).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// Tasks whose references contain more and more of the letter `a` (what the bench's and the
+/// tests' scripted judge rewards).
+pub fn letter_tasks(n: usize) -> Vec<Task> {
+    (0..n)
+        .map(|i| {
+            let refs = [2usize, 5, 9].iter().map(|&k| format!("{}{}", "a".repeat(k), " reference text".repeat(i % 3 + 1))).collect();
+            Task::new(format!("t{i:03}"), format!("Write a short text number {i} about the sea."), refs)
+        })
+        .collect()
+}
+
+/// Prefers the answer with more `a`s; a tie when equal. Deterministic, order-symmetric.
+pub fn more_a_judge() -> Behavior {
+    rules::verdict_by(|first, second| {
+        let (x, y) = (first.matches('a').count(), second.matches('a').count());
+        match x.cmp(&y) {
+            std::cmp::Ordering::Greater => crate::judge::Verdict::First,
+            std::cmp::Ordering::Less => crate::judge::Verdict::Second,
+            std::cmp::Ordering::Equal => crate::judge::Verdict::Tie,
+        }
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub async fn run(args: BenchRunArgs) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("orchestrator-bench-run-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(tmp.clone());
+    std::fs::create_dir_all(&tmp)?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let d = tmp.join("model");
+            TinySpec::llama(0).write(&d)?;
+            d
+        }
+    };
+    write_tasks(&tmp.join("tasks.jsonl"), &letter_tasks(args.prompts * 4), References::Required)?;
+    let server = ScriptedServer::start(Behavior::delay(Duration::from_millis(args.latency_ms), more_a_judge())).await?;
+    let lora = if args.lora { "[learner.lora]\nenabled = true\nrank = 4\nalpha = 8.0\n" } else { "" };
+    let cfg_text = format!(
+        "[model]\npath = {model:?}\ndtype = \"f32\"\n\n[engine]\nmax_num_seqs = 16\n[engine.sampling]\ntemperature = 1.0\n\
+         max_new_tokens = {mnt}\n\n[run]\nseed = 7\nsteps = {steps}\nbatch_prompts = {p}\nn_samples = {n}\nsync_every = 1\n\
+         save_every = {steps}\njudge_concurrency = 64\n\n[data]\ntasks = \"tasks.jsonl\"\n\n[judge]\nkind = \"openai\"\n\
+         [judge.openai]\nbase_url = \"{url}\"\nmodel = \"scripted\"\napi_key_env = \"\"\nmax_concurrency = 64\n\n\
+         [learner]\nalgorithm = \"grpo\"\nlr = 1e-3\nthreads = 2\n{lora}",
+        model = model.display().to_string(),
+        mnt = args.max_new_tokens,
+        steps = args.steps,
+        p = args.prompts,
+        n = args.n,
+        url = server.base_url(),
+    );
+    let config = tmp.join("bench.toml");
+    std::fs::write(&config, cfg_text)?;
+    let opts = RunOptions { config, run_dir: Some(tmp.join("run")), resume: Resume::Never, allow_config_change: vec![] };
+    let mut trainer = Trainer::start(prepare(&opts)?).await?;
+    println!(
+        "bench run: model {} | {} prompts x {} samples, max_new_tokens {} | judge latency {} ms, concurrency 64 | {} repeats",
+        model.display(),
+        args.prompts,
+        args.n,
+        args.max_new_tokens,
+        args.latency_ms,
+        args.repeats
+    );
+
+    // 1. Overlap of generation and judging on one fixed batch (same seeds: same rollouts).
+    let batch: Vec<usize> = (0..args.prompts).collect();
+    let requests: Vec<GenRequest> = batch
+        .iter()
+        .enumerate()
+        .map(|(pi, &ti)| GenRequest { messages: task_messages(&trainer.tasks[ti]), n: args.n, seed: SeedKey::new(7, 1, pi as u64) })
+        .collect();
+    let (mut gen_s, mut judge_s, mut both_s) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let t = Instant::now();
+        let groups = trainer.engine.generate(&requests, &trainer.cfg.engine.sampling).await?;
+        gen_s.push(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        let permits = Arc::new(Semaphore::new(trainer.cfg.run.judge_concurrency));
+        let mut pending = FuturesUnordered::new();
+        for (pi, g) in groups.iter().enumerate() {
+            let task = trainer.tasks[batch[pi]].clone();
+            let reference = trainer.curriculum.reference(&task).context("reference")?.to_string();
+            for r in g {
+                let (judge, permits, cfg, task, reference) =
+                    (trainer.judge.clone(), permits.clone(), trainer.cfg.reward.clone(), task.clone(), reference.clone());
+                let text = r.text.clone();
+                pending.push(async move {
+                    let _p = permits.acquire_owned().await.expect("open");
+                    let input = RewardInput { prompt: &task.prompt, criteria: None, response: &text, reference: &reference };
+                    reward::reward(&*judge, &cfg, input, 0).await
+                });
+            }
+        }
+        while pending.next().await.is_some() {}
+        judge_s.push(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        trainer.generate_and_judge(1, &batch).await?;
+        both_s.push(t.elapsed().as_secs_f64());
+    }
+    let (g, j, b) = (median(gen_s), median(judge_s), median(both_s));
+    println!(
+        "overlap: generation alone {g:.3}s, judging alone {j:.3}s, both as the trainer runs them {b:.3}s \
+         -> ratio {:.3} (goal <= 1.10; medians)",
+        b / g.max(j)
+    );
+
+    // 2. Sync: export the learner's weights and reload the engine.
+    let mut sync_s = Vec::new();
+    let mut bytes = 0u64;
+    let root = trainer.run.root.join("bench-policy");
+    let mut served = sync::Served { path: model.clone(), step: 0, owned: false };
+    let mut weights_file = PathBuf::new();
+    for r in 0..args.repeats {
+        let t = Instant::now();
+        let root2 = root.clone();
+        let step = 1000 + r as u64;
+        let (dir, ex) = super::on_learner(&mut trainer.learner, move |l| sync::export(l, &root2, step)).await??;
+        sync::switch(&*trainer.engine, &mut served, dir.clone(), step).await?;
+        sync_s.push(t.elapsed().as_secs_f64());
+        bytes = ex.bytes;
+        weights_file = largest_safetensors(&dir)?;
+    }
+    let bw = median((0..args.repeats).map(|_| sync::copy_bandwidth(&weights_file)).collect::<Result<Vec<_>>>()?);
+    let s = median(sync_s);
+    println!(
+        "sync: {s:.3}s for {:.2} MB written; copy bandwidth {:.0} MB/s -> floor {:.3}s -> ratio {:.2} (goal <= 3)",
+        bytes as f64 / 1e6,
+        bw / 1e6,
+        bytes as f64 / bw,
+        s / (bytes as f64 / bw)
+    );
+    // Back to the run's own weights before training.
+    trainer.engine.reload(&model).await?;
+
+    // 3. Overhead over whole steps.
+    let t = Instant::now();
+    trainer.train().await?;
+    let wall = t.elapsed().as_secs_f64();
+    let lines = crate::metrics::read_jsonl(&trainer.run.metrics())?;
+    let sum = |k: &str| lines.iter().filter_map(|v| v.get(k).and_then(|x| x.as_f64())).sum::<f64>();
+    let (step_t, other) = (sum("t_step"), sum("t_other"));
+    println!(
+        "steps: {} in {wall:.2}s: generate {:.2}s, judge tail {:.2}s, learn {:.2}s, sync {:.2}s, checkpoint {:.2}s, \
+         other {other:.3}s -> overhead share {:.2}% (goal <= 2%)",
+        lines.len(),
+        sum("t_generate"),
+        sum("t_judge_tail"),
+        sum("t_learn"),
+        sum("t_sync"),
+        sum("t_checkpoint"),
+        100.0 * other / step_t.max(1e-9)
+    );
+    Ok(())
+}
+
+fn largest_safetensors(dir: &Path) -> Result<PathBuf> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let n = std::fs::metadata(&p)?.len();
+            if best.as_ref().is_none_or(|(b, _)| n > *b) {
+                best = Some((n, p));
+            }
+        }
+    }
+    best.map(|(_, p)| p).context("export has no safetensors file")
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,797 @@
+//! `orchestrator run`: the Writing-RL training loop.
+//!
+//! One step, data flowing one way:
+//! ```text
+//! sampler -> prompts -> engine (n rollouts each) --each finished rollout--> judge vs current reference
+//!         -> rewards -> curriculum.advance -> learner.update -> [sync_every] export + engine reload
+//!         -> samples + metrics -> [save_every] checkpoint
+//! ```
+//! Rollouts are judged while the others are still generating. Unscored rollouts never become
+//! trajectories; a prompt with none scored is skipped. Everything a step depends on (task order,
+//! sampling streams, reward order, learner draws) derives from `run.seed` and the step number, so
+//! a run resumed from a checkpoint repeats the uninterrupted run's steps exactly on CPU.
+
+pub mod bench;
+pub mod record;
+pub mod state;
+pub mod sync;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::checkpoint::{Checkpoints, Retention};
+use crate::config::{Config, OnJudgeDown};
+use crate::curriculum::{self, Curriculum};
+use crate::data::{read_tasks, References, Task, TaskSampler};
+use crate::engine::{ChatMessage, Engine, FinishReason, GenRequest, MistralEngine, Role, Rollout, SeedKey};
+use crate::engine::sampler::splitmix64;
+use crate::judge::{Judge, JudgeHealth};
+use crate::learner::{Learner, Trajectory, UpdateStats};
+use crate::metrics::MetricsWriter;
+use crate::progress::Progress;
+use crate::reward::{self, RewardInput, RewardOutcome, RewardStats};
+use crate::rundir::{config_hash, RunDir};
+
+use record::{mean_std, samples_file, SampleRecord, StepRecord};
+use state::{TrainerState, LEARNER_DIR, POLICY_DIR};
+use sync::Served;
+
+/// Where a run starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest complete checkpoint of the run directory, if any.
+    Auto,
+    /// A fresh run; refused if the run directory already holds checkpoints or metrics.
+    Never,
+    /// This checkpoint directory.
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Resume::Auto,
+            "never" => Resume::Never,
+            p => Resume::Path(PathBuf::from(p)),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub run_dir: Option<PathBuf>,
+    pub resume: Resume,
+    /// Config keys (or prefixes) allowed to differ from the run's saved config on resume.
+    pub allow_config_change: Vec<String>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ended {
+    Completed { step: u64, run_dir: PathBuf },
+    /// SIGINT/SIGTERM: checkpointed at `step`.
+    Interrupted { step: u64, run_dir: PathBuf },
+    /// The judge's breaker stayed open: checkpointed at `step` (the step in progress was dropped).
+    JudgeDown { step: u64, run_dir: PathBuf, reason: String },
+}
+
+/// The run directory `opts` and `cfg` name.
+pub fn run_dir_for(opts: &RunOptions, cfg: &Config) -> PathBuf {
+    if let Some(d) = &opts.run_dir {
+        return d.clone();
+    }
+    let name = if cfg.run.name.is_empty() {
+        opts.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into())
+    } else {
+        cfg.run.name.clone()
+    };
+    cfg.run.root.join(name)
+}
+
+/// The chat messages of a task's prompt.
+pub fn task_messages(task: &Task) -> Vec<ChatMessage> {
+    let mut m = Vec::new();
+    if let Some(sys) = &task.system {
+        m.push(ChatMessage::new(Role::System, sys));
+    }
+    m.push(ChatMessage::new(Role::User, &task.prompt));
+    m
+}
+
+/// A rollout's key for seeded reward order (`position = random`).
+fn reward_key(step: u64, prompt: usize, sample: usize) -> u64 {
+    splitmix64(splitmix64(splitmix64(step) ^ prompt as u64) ^ sample as u64)
+}
+
+/// The learner lives on blocking threads (tch work); it is moved there and back for each call.
+async fn on_learner<T: Send + 'static>(
+    slot: &mut Option<Learner>,
+    f: impl FnOnce(&mut Learner) -> T + Send + 'static,
+) -> Result<T> {
+    let mut learner = slot.take().context("learner lost by an earlier failure")?;
+    let (learner, out) = tokio::task::spawn_blocking(move || {
+        let out = f(&mut learner);
+        (learner, out)
+    })
+    .await
+    .context("learner thread panicked")?;
+    *slot = Some(learner);
+    Ok(out)
+}
+
+/// SIGINT/SIGTERM: the first asks the loop to stop at a safe point; a second exits at once.
+fn install_signals(stop: Arc<AtomicBool>, notify: Arc<tokio::sync::Notify>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
+        let stop = stop.clone();
+        let notify = notify.clone();
+        if let Ok(mut s) = signal(kind) {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    if stop.swap(true, Ordering::SeqCst) {
+                        eprintln!("second signal: exiting without a checkpoint");
+                        std::process::exit(130);
+                    }
+                    eprintln!("signal received: stopping at the next safe point and writing a checkpoint (again to abort)");
+                    notify.notify_waiters();
+                }
+            });
+        }
+    }
+}
+
+/// Everything read and checked before any model is loaded.
+pub struct Prepared {
+    pub cfg: Config,
+    pub tasks: Vec<Task>,
+    pub run: RunDir,
+    pub checkpoint: Option<PathBuf>,
+    pub warnings: Vec<String>,
+}
+
+/// Loads the config and tasks, opens the run directory (config diff on resume) and finds the
+/// checkpoint to resume from. No model is touched, so every mistake here fails fast.
+pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
+    let cfg = Config::load(&opts.config)?;
+    let tasks_path = cfg
+        .data
+        .tasks
+        .clone()
+        .with_context(|| format!("{}: data.tasks: `orchestrator run` needs a task file", opts.config.display()))?;
+    let tasks = read_tasks(&tasks_path, References::Required)?;
+    Curriculum::new(&cfg.curriculum, &tasks)?;
+    if cfg.judge.kind == crate::judge::JudgeKind::Openai && !cfg.judge.openai.api_key_env.is_empty() {
+        let var = &cfg.judge.openai.api_key_env;
+        if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {
+            bail!(
+                "{}: judge.openai.api_key_env: the environment variable {var} is not set (export it, or set \
+                 api_key_env = \"\" for an endpoint without a key)",
+                opts.config.display()
+            );
+        }
+    }
+    let root = run_dir_for(opts, &cfg);
+    let ckpts_dir = root.join("checkpoints");
+    let mut warnings = Vec::new();
+    let checkpoint = match &opts.resume {
+        Resume::Never => {
+            let has_ckpt = ckpts_dir.is_dir() && !Checkpoints::open(&ckpts_dir)?.steps()?.is_empty();
+            let has_metrics = std::fs::metadata(root.join("metrics.jsonl")).map(|m| m.len() > 0).unwrap_or(false);
+            if has_ckpt || has_metrics {
+                bail!(
+                    "--resume never: {} already holds a run (checkpoints or metrics); choose another --run-dir \
+                     or resume it with --resume auto",
+                    root.display()
+                );
+            }
+            None
+        }
+        Resume::Auto => {
+            if ckpts_dir.is_dir() {
+                let (found, warns) = Checkpoints::open(&ckpts_dir)?.latest_valid()?;
+                warnings.extend(warns);
+                found.map(|(d, _)| d)
+            } else {
+                None
+            }
+        }
+        Resume::Path(p) => {
+            Checkpoints::verify(p).with_context(|| format!("--resume {}", p.display()))?;
+            Some(p.clone())
+        }
+    };
+    let run = RunDir::open(&root, &cfg, &opts.allow_config_change)?;
+    Ok(Prepared { cfg, tasks, run, checkpoint, warnings })
+}
+
+/// Per-step counts shown on the bars.
+struct Bars {
+    multi: indicatif::MultiProgress,
+    steps: Progress,
+    rollouts: Progress,
+    verdicts: Progress,
+    plain: bool,
+}
+
+impl Bars {
+    fn new(steps: u64, done: u64) -> Self {
+        let multi = Progress::multi();
+        let s = Progress::in_multi(&multi, steps, "steps   ");
+        s.inc(done);
+        let rollouts = Progress::in_multi(&multi, 0, "rollouts");
+        let verdicts = Progress::in_multi(&multi, 0, "verdicts");
+        let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Self { multi, steps: s, rollouts, verdicts, plain }
+    }
+
+    fn log(&self, line: impl AsRef<str>) {
+        if self.plain {
+            eprintln!("{}", line.as_ref());
+        } else {
+            let _ = self.multi.println(line.as_ref());
+        }
+    }
+}
+
+/// A rollout with its reward, as the step collects them.
+struct Judged {
+    rollout: Rollout,
+    reward: RewardOutcome,
+}
+
+pub struct Trainer {
+    cfg: Config,
+    tasks: Vec<Arc<Task>>,
+    run: RunDir,
+    hash: String,
+    engine: Arc<dyn Engine>,
+    judge: Arc<dyn Judge>,
+    learner: Option<Learner>,
+    curriculum: Curriculum,
+    sampler: TaskSampler,
+    checkpoints: Checkpoints,
+    metrics: MetricsWriter,
+    served: Served,
+    /// Steps completed, and whether the learner changed since the last sync.
+    step: u64,
+    dirty: bool,
+    last_saved: u64,
+    stop: Arc<AtomicBool>,
+    stop_notify: Arc<tokio::sync::Notify>,
+    bars: Bars,
+}
+
+/// Runs (or resumes) the training run `opts` describes.
+pub async fn run(opts: RunOptions) -> Result<Ended> {
+    let p = prepare(&opts)?;
+    for w in &p.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut trainer = Trainer::start(p).await?;
+    trainer.train().await
+}
+
+impl Trainer {
+    /// Loads the judge, the learner (restored from the checkpoint) and the engine on the weights
+    /// the checkpoint says it served.
+    pub async fn start(p: Prepared) -> Result<Self> {
+        let Prepared { cfg, tasks, run, checkpoint, .. } = p;
+        let hash = config_hash(&cfg)?;
+        let judge = crate::judge::from_config(&cfg.judge, &cfg.model).await?;
+        let saved = match &checkpoint {
+            Some(d) => Some(TrainerState::read(d)?),
+            None => None,
+        };
+
+        let t0 = Instant::now();
+        let (lcfg, model_dir, seed) = (cfg.learner.clone(), cfg.model.path.clone(), cfg.run.seed);
+        let ckpt_learner = checkpoint.as_ref().map(|d| d.join(LEARNER_DIR));
+        let learner = tokio::task::spawn_blocking(move || -> Result<Learner> {
+            let mut l = Learner::new(&lcfg, &model_dir, seed)?;
+            if let Some(d) = ckpt_learner {
+                l.load(&d).with_context(|| format!("restoring the learner from {}", d.display()))?;
+            }
+            Ok(l)
+        })
+        .await
+        .context("learner thread panicked")??;
+        eprintln!("learner ready in {:.1}s", t0.elapsed().as_secs_f64());
+
+        let policy_root = run.root.join("policy");
+        let (curriculum, sampler, step, dirty, served_step) = match (&saved, &checkpoint) {
+            (Some(s), Some(_)) => (
+                Curriculum::restore(&cfg.curriculum, &tasks, s.curriculum.clone())?,
+                TaskSampler::resume(s.sampler, tasks.len(), cfg.run.shuffle)?,
+                s.step,
+                s.dirty,
+                s.served_step,
+            ),
+            _ => (
+                Curriculum::new(&cfg.curriculum, &tasks)?,
+                TaskSampler::new(tasks.len(), cfg.run.seed, cfg.run.shuffle)?,
+                0,
+                false,
+                0,
+            ),
+        };
+        // The weights the engine served when the checkpoint was written.
+        sync::clean(&policy_root, None)?;
+        let mut learner = Some(learner);
+        let served = if served_step == 0 {
+            Served { path: cfg.model.path.clone(), step: 0, owned: false }
+        } else {
+            let dir = sync::export_dir(&policy_root, served_step);
+            let ckpt = checkpoint.as_ref().expect("served_step > 0 comes from a checkpoint");
+            if ckpt.join(POLICY_DIR).is_dir() {
+                sync::link_files(&ckpt.join(POLICY_DIR), &dir)?;
+            } else {
+                let root = policy_root.clone();
+                on_learner(&mut learner, move |l| sync::export(l, &root, served_step)).await??;
+            }
+            Served { path: dir, step: served_step, owned: true }
+        };
+        let t0 = Instant::now();
+        let mut model = cfg.model.clone();
+        model.path = served.path.clone();
+        let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&model, &cfg.engine).await?);
+        eprintln!("engine ready in {:.1}s ({})", t0.elapsed().as_secs_f64(), served.path.display());
+
+        let metrics = MetricsWriter::open(&run.metrics(), Some(step))?;
+        let checkpoints = Checkpoints::open(run.checkpoints())?;
+        let mut trainer = Self {
+            bars: Bars::new(cfg.run.steps, step),
+            tasks: tasks.into_iter().map(Arc::new).collect(),
+            cfg,
+            run,
+            hash,
+            engine,
+            judge,
+            learner,
+            curriculum,
+            sampler,
+            checkpoints,
+            metrics,
+            served,
+            step,
+            dirty,
+            last_saved: step,
+            stop: Arc::new(AtomicBool::new(false)),
+            stop_notify: Arc::new(tokio::sync::Notify::new()),
+        };
+        trainer.repair_after_resume(saved.and_then(|s| s.record))?;
+        install_signals(trainer.stop.clone(), trainer.stop_notify.clone());
+        if let Some(d) = &checkpoint {
+            trainer.bars.log(format!("resumed from {} (step {})", d.display(), trainer.step));
+        }
+        Ok(trainer)
+    }
+
+    /// After a crash: the checkpoint's own metrics line if the crash lost it, and no samples of
+    /// steps that are about to run again.
+    fn repair_after_resume(&mut self, record: Option<StepRecord>) -> Result<()> {
+        let have_last = crate::metrics::read_jsonl(self.metrics.path())?
+            .last()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+            == Some(self.step);
+        if self.step > 0 && !have_last {
+            if let Some(mut r) = record {
+                r.t_checkpoint = None;
+                self.metrics.write(&r)?;
+            }
+        }
+        let dir = self.run.samples();
+        if dir.is_dir() {
+            for e in std::fs::read_dir(&dir)? {
+                let p = e?.path();
+                let n = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+                let s = n.strip_prefix("step-").and_then(|r| r.strip_suffix(".jsonl")).and_then(|r| r.parse::<u64>().ok());
+                if s.is_some_and(|s| s > self.step) {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run.root
+    }
+
+    async fn train(&mut self) -> Result<Ended> {
+        let total = self.cfg.run.steps;
+        if self.step >= total {
+            self.bars.log(format!("run already at step {} of {total}: nothing to do", self.step));
+        }
+        while self.step < total {
+            if self.stop.load(Ordering::SeqCst) {
+                return self.interrupted().await;
+            }
+            match self.step_once().await? {
+                StepEnd::Done => {}
+                StepEnd::Interrupted => return self.interrupted().await,
+                StepEnd::JudgeDown(reason) => {
+                    self.save_if_needed(None).await?;
+                    return Ok(Ended::JudgeDown { step: self.step, run_dir: self.run.root.clone(), reason });
+                }
+            }
+        }
+        self.bars.steps.finish();
+        Ok(Ended::Completed { step: self.step, run_dir: self.run.root.clone() })
+    }
+
+    async fn interrupted(&mut self) -> Result<Ended> {
+        self.save_if_needed(None).await?;
+        Ok(Ended::Interrupted { step: self.step, run_dir: self.run.root.clone() })
+    }
+
+    /// Checkpoints the current state unless the last checkpoint already holds it.
+    async fn save_if_needed(&mut self, record: Option<StepRecord>) -> Result<Option<f64>> {
+        if self.step == 0 || self.last_saved == self.step {
+            return Ok(None);
+        }
+        Ok(Some(self.save(record).await?))
+    }
+
+    async fn save(&mut self, record: Option<StepRecord>) -> Result<f64> {
+        let t0 = Instant::now();
+        let state = TrainerState {
+            step: self.step,
+            sampler: self.sampler.cursor(),
+            curriculum: self.curriculum.state().clone(),
+            served_step: self.served.step,
+            dirty: self.dirty,
+            record,
+        };
+        let served_policy = (self.served.owned && self.served.step != self.step).then(|| self.served.path.clone());
+        let (ckdir, hash, step) = (self.checkpoints.dir().to_path_buf(), self.hash.clone(), self.step);
+        let retention = Retention { keep_last: self.cfg.run.keep_last, keep_every: self.cfg.run.keep_every };
+        let dir = on_learner(&mut self.learner, move |l| {
+            Checkpoints::open(ckdir)?.save(step, &hash, retention, |d| {
+                l.save(&d.join(LEARNER_DIR))?;
+                if let Some(p) = &served_policy {
+                    sync::link_files(p, &d.join(POLICY_DIR))?;
+                }
+                state.write(d)
+            })
+        })
+        .await??;
+        self.last_saved = self.step;
+        let secs = t0.elapsed().as_secs_f64();
+        self.bars.log(format!("checkpoint {} ({secs:.2}s)", dir.display()));
+        Ok(secs)
+    }
+
+    /// Generates the step's rollouts and judges each as soon as it is finished.
+    async fn generate_and_judge(&self, step: u64, batch: &[usize]) -> Result<(Vec<Vec<Judged>>, f64, f64)> {
+        let n = self.cfg.run.n_samples;
+        let requests: Vec<GenRequest> = batch
+            .iter()
+            .enumerate()
+            .map(|(pi, &ti)| GenRequest {
+                messages: task_messages(&self.tasks[ti]),
+                n,
+                seed: SeedKey::new(self.cfg.run.seed, step, pi as u64),
+            })
+            .collect();
+        let references: Vec<Arc<str>> = batch
+            .iter()
+            .map(|&ti| Arc::from(self.curriculum.reference(&self.tasks[ti]).expect("every task has a reference")))
+            .collect();
+        self.bars.rollouts.restart((batch.len() * n) as u64);
+        self.bars.verdicts.restart((batch.len() * n) as u64);
+
+        let t0 = Instant::now();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Rollout>();
+        let engine = self.engine.clone();
+        let sampling = self.cfg.engine.sampling.clone();
+        let generate = async move {
+            let r = engine.generate_into(&requests, &sampling, tx).await;
+            (r, t0.elapsed().as_secs_f64())
+        };
+        let judging = async {
+            let permits = Arc::new(Semaphore::new(self.cfg.run.judge_concurrency));
+            let mut pending = FuturesUnordered::new();
+            let mut out: Vec<Vec<Judged>> = batch.iter().map(|_| Vec::new()).collect();
+            let mut open = true;
+            let mut retries = 0u64;
+            loop {
+                tokio::select! {
+                    r = rx.recv(), if open => match r {
+                        Some(rollout) => {
+                            self.bars.rollouts.inc(1);
+                            let task = self.tasks[batch[rollout.request]].clone();
+                            let reference = references[rollout.request].clone();
+                            let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
+                            let key = reward_key(step, rollout.request, rollout.sample);
+                            pending.push(async move {
+                                let _permit = permits.acquire_owned().await.expect("semaphore open");
+                                let input = RewardInput {
+                                    prompt: &task.prompt,
+                                    criteria: task.criteria.as_deref(),
+                                    response: &rollout.text,
+                                    reference: &reference,
+                                };
+                                let reward = reward::reward(&*judge, &cfg, input, key).await;
+                                Judged { rollout, reward }
+                            });
+                        }
+                        None => open = false,
+                    },
+                    Some(j) = pending.next(), if !pending.is_empty() => {
+                        retries += j.reward.retries() as u64;
+                        self.bars.verdicts.inc(1);
+                        self.bars.verdicts.set_message(format!("{retries} retries"));
+                        out[j.rollout.request].push(j);
+                    }
+                    else => break,
+                }
+            }
+            out
+        };
+        let ((gen, t_generate), mut out) = tokio::join!(generate, judging);
+        gen?;
+        let t_all = t0.elapsed().as_secs_f64();
+        for group in &mut out {
+            group.sort_by_key(|j| j.rollout.sample);
+        }
+        Ok((out, t_generate, (t_all - t_generate).max(0.0)))
+    }
+
+    /// Re-asks the judge for unscored rollouts (after the breaker closed again).
+    async fn rejudge(&self, step: u64, batch: &[usize], groups: &mut [Vec<Judged>]) {
+        let mut pending = FuturesUnordered::new();
+        let permits = Arc::new(Semaphore::new(self.cfg.run.judge_concurrency));
+        for (pi, group) in groups.iter().enumerate() {
+            for (si, j) in group.iter().enumerate() {
+                if !j.reward.is_unscored() {
+                    continue;
+                }
+                let task = self.tasks[batch[pi]].clone();
+                let reference = self.curriculum.reference(&task).expect("reference").to_string();
+                let response = j.rollout.text.clone();
+                let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
+                let key = reward_key(step, pi, j.rollout.sample);
+                pending.push(async move {
+                    let _permit = permits.acquire_owned().await.expect("semaphore open");
+                    let input = RewardInput {
+                        prompt: &task.prompt,
+                        criteria: task.criteria.as_deref(),
+                        response: &response,
+                        reference: &reference,
+                    };
+                    (pi, si, reward::reward(&*judge, &cfg, input, key).await)
+                });
+            }
+        }
+        while let Some((pi, si, r)) = pending.next().await {
+            groups[pi][si].reward = r;
+        }
+    }
+
+    /// Waits out an open breaker (`on_judge_down = pause`) or gives up. Returns the reason to stop.
+    async fn handle_judge_down(&self, step: u64, batch: &[usize], groups: &mut [Vec<Judged>]) -> Option<String> {
+        let started = Instant::now();
+        loop {
+            let JudgeHealth::Down { consecutive_failures, last_error, retry_in_secs } = self.judge.health() else {
+                return None;
+            };
+            let reason = format!("judge unavailable: {consecutive_failures} consecutive failures, last: {last_error}");
+            let waited = started.elapsed().as_secs_f64();
+            if self.cfg.run.on_judge_down == OnJudgeDown::Stop || waited >= self.cfg.run.judge_down_max_wait_secs {
+                return Some(reason);
+            }
+            let wait = retry_in_secs.clamp(0.2, 30.0).min(self.cfg.run.judge_down_max_wait_secs - waited + 0.01);
+            self.bars.log(format!("step {step}: {reason}; pausing {wait:.1}s before asking again"));
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            self.rejudge(step, batch, groups).await;
+        }
+    }
+
+    async fn step_once(&mut self) -> Result<StepEnd> {
+        let t_step = Instant::now();
+        let step = self.step + 1;
+        let epoch = self.sampler.cursor().epoch;
+        let before = self.sampler.clone();
+        let batch = self.sampler.next_batch(self.cfg.run.batch_prompts);
+        let levels: Vec<usize> = batch.iter().map(|&ti| self.curriculum.level(&self.tasks[ti].id).unwrap_or(0)).collect();
+
+        // Generation and judging may be abandoned on a signal: nothing has changed yet.
+        let notify = self.stop_notify.clone();
+        let judged = tokio::select! {
+            r = self.generate_and_judge(step, &batch) => Some(r?),
+            _ = notify.notified() => None,
+        };
+        let Some((mut groups, t_generate, mut t_judge_tail)) = judged else {
+            self.sampler = before;
+            return Ok(StepEnd::Interrupted);
+        };
+        if matches!(self.judge.health(), JudgeHealth::Down { .. }) {
+            let t = Instant::now();
+            if let Some(reason) = self.handle_judge_down(step, &batch, &mut groups).await {
+                self.sampler = before;
+                self.bars.log(format!("step {step}: {reason}; stopping (the step is dropped, nothing was trained on it)"));
+                return Ok(StepEnd::JudgeDown(reason));
+            }
+            t_judge_tail += t.elapsed().as_secs_f64();
+        }
+
+        // Rewards -> curriculum (each task moves at most one level per step).
+        let outcomes: Vec<(String, Vec<curriculum::Outcome>)> = batch
+            .iter()
+            .zip(&groups)
+            .map(|(&ti, g)| (self.tasks[ti].id.clone(), g.iter().map(|j| j.reward.outcome.into()).collect()))
+            .collect();
+        let cm = self.curriculum.advance(outcomes.iter().map(|(id, o)| (id.as_str(), o.as_slice())))?;
+
+        // Scored rollouts -> trajectories; a group with none is skipped.
+        let mut trajs = Vec::new();
+        let mut skipped = 0u64;
+        let mut stats = RewardStats::default();
+        for (pi, g) in groups.iter().enumerate() {
+            let scored: Vec<&Judged> = g.iter().filter(|j| !j.reward.is_unscored()).collect();
+            if scored.is_empty() {
+                skipped += 1;
+            }
+            for j in g {
+                stats.add(&j.reward);
+            }
+            let group_id = (step - 1) * self.cfg.run.batch_prompts as u64 + pi as u64;
+            for j in scored {
+                trajs.push(Trajectory::from_rollout(&j.rollout, j.reward.reward.expect("scored"), group_id));
+            }
+        }
+        let t_learn0 = Instant::now();
+        let update: Option<UpdateStats> = if trajs.is_empty() {
+            None
+        } else {
+            let temperature = self.cfg.engine.sampling.temperature;
+            Some(on_learner(&mut self.learner, move |l| l.update(&trajs, temperature)).await??)
+        };
+        let t_learn = t_learn0.elapsed().as_secs_f64();
+        self.dirty |= update.is_some();
+
+        // Weight sync.
+        let (mut t_sync, mut sync_bytes) = (0.0, 0u64);
+        if step % self.cfg.run.sync_every == 0 && self.dirty {
+            let t = Instant::now();
+            let root = self.run.root.join("policy");
+            let (dir, exported) = on_learner(&mut self.learner, move |l| sync::export(l, &root, step)).await??;
+            sync::switch(&*self.engine, &mut self.served, dir, step).await?;
+            self.dirty = false;
+            t_sync = t.elapsed().as_secs_f64();
+            sync_bytes = exported.bytes + exported.frozen_bytes;
+        }
+        self.step = step;
+
+        // Samples of this step.
+        let mut samples = Vec::new();
+        for (pi, g) in groups.iter().enumerate() {
+            let task = &self.tasks[batch[pi]];
+            for j in g {
+                samples.push(SampleRecord {
+                    step,
+                    task_id: task.id.clone(),
+                    prompt: pi,
+                    sample: j.rollout.sample,
+                    level: levels[pi],
+                    top_level: task.top_level().unwrap_or(0),
+                    response: j.rollout.text.clone(),
+                    response_tokens: j.rollout.ids.len(),
+                    finish_reason: j.rollout.finish_reason,
+                    outcome: j.reward.outcome,
+                    reward: j.reward.reward,
+                    soft: j.reward.soft,
+                    consistent: j.reward.consistent,
+                    unscored_reason: j.reward.unscored_reason.clone(),
+                    calls: SampleRecord::calls_of(&j.reward),
+                });
+            }
+        }
+        crate::fsutil::atomic_write_with(&self.run.samples().join(samples_file(step)), |w| {
+            use std::io::Write;
+            for s in &samples {
+                serde_json::to_writer(&mut *w, s)?;
+                w.write_all(b"\n")?;
+            }
+            Ok(())
+        })?;
+
+        let rewards: Vec<f64> = groups.iter().flatten().filter_map(|j| j.reward.reward).collect();
+        let lens: Vec<usize> = groups.iter().flatten().map(|j| j.rollout.ids.len()).collect();
+        let gen_tokens: usize = lens.iter().sum();
+        let rollouts = lens.len() as u64;
+        let (reward_mean, reward_std) = match mean_std(&rewards) {
+            Some((m, s)) => (Some(m), Some(s)),
+            None => (None, None),
+        };
+        let u = update.as_ref();
+        let mut record = StepRecord {
+            step,
+            epoch,
+            timestamp: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            rollouts,
+            scored: rollouts - stats.unscored,
+            unscored: stats.unscored,
+            wins: stats.wins,
+            ties: stats.ties,
+            losses: stats.losses,
+            skipped_groups: skipped,
+            trained: u.map(|u| u.trajectories as u64).unwrap_or(0),
+            reward_mean,
+            reward_std,
+            position_consistency: stats.position_consistency(),
+            levels: cm.histogram.iter().map(|&c| c as u64).collect(),
+            share_at_top: cm.share_at_top,
+            advanced: cm.advanced as u64,
+            // Without a KL term the learner keeps no reference and has no KL to report.
+            kl: u.filter(|_| self.cfg.learner.kl_coef > 0.0).map(|u| u.kl),
+            entropy: u.map(|u| u.entropy),
+            clip_fraction: u.map(|u| u.clip_fraction),
+            value_loss: u.map(|u| u.value_loss),
+            policy_loss: u.map(|u| u.policy_loss),
+            grad_norm: u.map(|u| u.grad_norm),
+            lr: u.map(|u| u.lr),
+            logprob_max_diff: u.map(|u| u.behaviour_logprob_max_diff),
+            response_tokens_mean: gen_tokens as f64 / rollouts.max(1) as f64,
+            response_tokens_max: lens.iter().copied().max().unwrap_or(0) as u64,
+            truncated: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Length).count() as u64,
+            gen_tokens_per_s: gen_tokens as f64 / t_generate.max(1e-9),
+            learn_tokens_per_s: u.map(|u| u.tokens as f64 / t_learn.max(1e-9)),
+            judge_calls: groups.iter().flatten().map(|j| j.reward.calls.len() as u64).sum(),
+            judge_retries: stats.retries,
+            t_generate,
+            t_judge_tail,
+            t_learn,
+            t_sync,
+            t_checkpoint: None,
+            t_other: 0.0,
+            t_step: 0.0,
+            sync_bytes,
+        };
+
+        let last = step == self.cfg.run.steps;
+        let want_save = step % self.cfg.run.save_every == 0 || last || self.stop.load(Ordering::SeqCst);
+        let mut t_checkpoint = 0.0;
+        if want_save {
+            let mut saved = record.clone();
+            saved.t_step = t_step.elapsed().as_secs_f64();
+            t_checkpoint = self.save(Some(saved)).await?;
+            record.t_checkpoint = Some(t_checkpoint);
+        }
+        record.t_step = t_step.elapsed().as_secs_f64();
+        record.t_other = (record.t_step - t_generate - t_judge_tail - t_learn - t_sync - t_checkpoint).max(0.0);
+        self.metrics.write(&record)?;
+        self.bars.steps.inc(1);
+        self.bars.log(format!(
+            "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s sync {:.1}s",
+            self.cfg.run.steps,
+            reward_mean.map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into()),
+            stats.wins,
+            stats.ties,
+            stats.losses,
+            stats.unscored,
+            record.levels,
+            record.advanced,
+            record.kl.map(|k| format!("{k:.4}")).unwrap_or_else(|| "-".into()),
+            t_generate,
+            t_judge_tail,
+            t_learn,
+            t_sync,
+        ));
+        Ok(StepEnd::Done)
+    }
+}
+
+enum StepEnd {
+    Done,
+    Interrupted,
+    JudgeDown(String),
+}

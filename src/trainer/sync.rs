@@ -1,0 +1,145 @@
+//! Weight sync, learner -> engine, through HF directories under `<run>/policy/`.
+//!
+//! Only what training can change is written at each sync: without LoRA that is every weight
+//! (`model.safetensors`); with LoRA it is the adapted projections with the adapters merged in
+//! (`model-00002-of-00002.safetensors`), while the untouched weights are written once per run
+//! (`frozen.safetensors`) and hard-linked into each export as `model-00001-of-00002.safetensors`
+//! (mistral.rs loads every `model-N-of-M` file of a directory). An export is built in a staging
+//! directory, renamed to `step-NNNNNN`, the engine reloads from it, and the previous export is
+//! deleted. mistral.rs cannot swap in a LoRA adapter at run time, so the merged weights go over.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::engine::Engine;
+use crate::learner::{model::write_all, Learner};
+
+const FROZEN: &str = "frozen.safetensors";
+const SINGLE: &str = "model.safetensors";
+const SHARD_FROZEN: &str = "model-00001-of-00002.safetensors";
+const SHARD_TRAINED: &str = "model-00002-of-00002.safetensors";
+
+/// Bytes and time of one export.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Exported {
+    pub bytes: u64,
+    /// Bytes written once for the frozen weights (first LoRA export of a process's run only).
+    pub frozen_bytes: u64,
+    pub secs: f64,
+}
+
+pub fn export_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:06}"))
+}
+
+fn file_bytes(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Writes the learner's current weights as `<root>/step-NNNNNN` (blocking: tch work).
+pub fn export(learner: &Learner, root: &Path, step: u64) -> Result<(PathBuf, Exported)> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let staging = root.join(format!(".staging-step-{step:06}"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    learner.export_config(&staging)?;
+    let mut out = Exported::default();
+    for e in std::fs::read_dir(&staging)? {
+        out.bytes += file_bytes(&e?.path());
+    }
+    let frozen = learner.policy().frozen_weights();
+    let changed = learner.policy().changed_weights();
+    if frozen.is_empty() {
+        let p = staging.join(SINGLE);
+        write_all(&p, &changed, None)?;
+        out.bytes += file_bytes(&p);
+    } else {
+        let fp = root.join(FROZEN);
+        if !fp.is_file() {
+            write_all(&fp, &frozen, None)?;
+            out.frozen_bytes = file_bytes(&fp);
+        }
+        std::fs::hard_link(&fp, staging.join(SHARD_FROZEN))
+            .with_context(|| format!("linking {} into {}", fp.display(), staging.display()))?;
+        let p = staging.join(SHARD_TRAINED);
+        write_all(&p, &changed, None)?;
+        out.bytes += file_bytes(&p);
+    }
+    let fin = export_dir(root, step);
+    if fin.exists() {
+        std::fs::remove_dir_all(&fin)?;
+    }
+    std::fs::rename(&staging, &fin).with_context(|| format!("renaming {} to {}", staging.display(), fin.display()))?;
+    out.secs = t0.elapsed().as_secs_f64();
+    Ok((fin, out))
+}
+
+/// Which weights the engine serves: the starting model or an export under the run directory.
+#[derive(Debug)]
+pub struct Served {
+    /// The directory (or GGUF file) the engine loaded last.
+    pub path: PathBuf,
+    /// The step whose learner weights these are (0 = the starting model).
+    pub step: u64,
+    /// Whether `path` is an export we own (and may delete once replaced).
+    pub owned: bool,
+}
+
+/// Reloads the engine from `dir` and deletes the export it replaces. A failed reload leaves the
+/// engine serving the old weights and is an error.
+pub async fn switch(engine: &dyn Engine, served: &mut Served, dir: PathBuf, step: u64) -> Result<f64> {
+    let t0 = Instant::now();
+    engine.reload(&dir).await?;
+    let old = std::mem::replace(served, Served { path: dir, step, owned: true });
+    if old.owned && old.path != served.path {
+        std::fs::remove_dir_all(&old.path).with_context(|| format!("removing old export {}", old.path.display()))?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Removes exports and staging directories left by an earlier process, keeping `keep`.
+pub fn clean(root: &Path, keep: Option<&Path>) -> Result<()> {
+    if !root.is_dir() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(root)? {
+        let p = e?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let stale = name.starts_with(".staging-step-") || name.starts_with("step-");
+        if p.is_dir() && stale && Some(p.as_path()) != keep {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Hard-links (or copies, across file systems) every file of `src` into `dst`.
+pub fn link_files(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let p = e?.path();
+        if p.is_file() {
+            let to = dst.join(p.file_name().unwrap());
+            if std::fs::hard_link(&p, &to).is_err() {
+                std::fs::copy(&p, &to).with_context(|| format!("copying {} to {}", p.display(), to.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The machine's file copy bandwidth in bytes/s: `src` copied to a sibling and fsynced, as an
+/// export writes it.
+pub fn copy_bandwidth(src: &Path) -> Result<f64> {
+    let dst = src.with_extension("bwtest");
+    let t0 = Instant::now();
+    let bytes = std::fs::copy(src, &dst)?;
+    std::fs::File::open(&dst)?.sync_all()?;
+    let secs = t0.elapsed().as_secs_f64();
+    std::fs::remove_file(&dst)?;
+    Ok(bytes as f64 / secs.max(1e-9))
+}

@@ -1,0 +1,595 @@
+//! `orchestrator run` end to end: a real mistral.rs engine and tch learner on a tiny model, a
+//! real HTTP judge on 127.0.0.1, real files. Most runs are child processes so they can be killed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use orchestrator::data::{write_tasks, References};
+use orchestrator::judge::scripted::{Behavior, ScriptedServer};
+use orchestrator::metrics::read_jsonl;
+use orchestrator::tiny::TinySpec;
+use orchestrator::trainer::bench::{letter_tasks, more_a_judge};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+struct Setup {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+}
+
+impl Setup {
+    fn new(tasks: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = common::tiny_model(&dir.path().join("model"), &TinySpec::llama(3));
+        write_tasks(&dir.path().join("tasks.jsonl"), &letter_tasks(tasks), References::Required).unwrap();
+        Self { dir, model }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A config for a run against `judge_url`; `extra` is appended (later keys of a section
+    /// must not repeat the ones here).
+    fn config(&self, name: &str, judge_url: &str, run: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            "[model]\npath = {:?}\ndtype = \"f32\"\n\n[engine]\nmax_num_seqs = 16\n[engine.sampling]\n\
+             temperature = 1.0\nmax_new_tokens = 16\n\n[run]\nseed = 11\n{run}\n\n[data]\ntasks = \"tasks.jsonl\"\n\n\
+             [judge]\nkind = \"openai\"\n[judge.openai]\nbase_url = \"{judge_url}\"\nmodel = \"scripted\"\n\
+             api_key_env = \"\"\nmax_concurrency = 16\nmax_retries = 0\nbreaker_failures = 0\n\n\
+             [learner]\nalgorithm = \"grpo\"\nlr = 2e-3\nthreads = 1\n{extra}\n",
+            self.model.display().to_string()
+        );
+        let p = self.path(&format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+/// A child `orchestrator run` whose stderr lines are collected as they come.
+struct Child {
+    child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+fn spawn(config: &Path, run_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = tokio::process::Command::new(common::bin());
+    cmd.arg("run").arg(config).arg("--run-dir").arg(run_dir).args(extra_args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn orchestrator run");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let (l, o) = (lines.clone(), stdout.clone());
+    let err = child.stderr.take().unwrap();
+    let out = child.stdout.take().unwrap();
+    tokio::spawn(async move {
+        let mut r = BufReader::new(err).lines();
+        while let Ok(Some(line)) = r.next_line().await {
+            l.lock().unwrap().push(line);
+        }
+    });
+    tokio::spawn(async move {
+        let mut r = BufReader::new(out).lines();
+        while let Ok(Some(line)) = r.next_line().await {
+            let mut s = o.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    Child { child, lines, stdout }
+}
+
+impl Child {
+    async fn wait(mut self) -> (i32, String, String) {
+        let status = tokio::time::timeout(Duration::from_secs(300), self.child.wait()).await.expect("run finishes").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let err = self.lines.lock().unwrap().join("\n");
+        let out = self.stdout.lock().unwrap().clone();
+        (status.code().unwrap_or(-1), out, err)
+    }
+    fn stderr(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+async fn run_to_end(config: &Path, run_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    spawn(config, run_dir, args, &[]).wait().await
+}
+
+fn steps_of(metrics: &[Value]) -> Vec<u64> {
+    metrics.iter().map(|v| v["step"].as_u64().unwrap()).collect()
+}
+
+/// A metrics line without the fields that measure time.
+fn deterministic_part(v: &Value) -> BTreeMap<String, Value> {
+    v.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| !(k.starts_with("t_") || k.ends_with("_per_s") || *k == "timestamp"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn sha(p: &Path) -> String {
+    orchestrator::checkpoint::sha256_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).0
+}
+
+fn samples(run_dir: &Path, step: u64) -> Vec<Value> {
+    read_jsonl(&run_dir.join(format!("samples/step-{step:06}.jsonl"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_learns_what_the_judge_rewards_and_the_ladders_move() {
+    let s = Setup::new(8);
+    let server = ScriptedServer::start(more_a_judge()).await.unwrap();
+    let run = "steps = 10\nbatch_prompts = 4\nn_samples = 4\nsave_every = 5";
+    let config = s.config("learn", &server.base_url(), run, "");
+    let run_dir = s.path("runs/learn");
+    let opts = orchestrator::trainer::RunOptions {
+        config,
+        run_dir: Some(run_dir.clone()),
+        resume: orchestrator::trainer::Resume::Auto,
+        allow_config_change: vec![],
+    };
+    let ended = orchestrator::trainer::run(opts).await.unwrap();
+    assert!(matches!(ended, orchestrator::trainer::Ended::Completed { step: 10, .. }), "{ended:?}");
+
+    let m = read_jsonl(&run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), (1..=10).collect::<Vec<_>>());
+    let reward = |r: std::ops::Range<usize>| r.clone().map(|i| m[i]["reward_mean"].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+    let (first, last) = (reward(0..3), reward(7..10));
+    // The letter count the judge rewards, straight from the responses.
+    let a_rate = |steps: std::ops::RangeInclusive<u64>| {
+        let (mut a, mut n) = (0usize, 0usize);
+        for st in steps {
+            for v in samples(&run_dir, st) {
+                let text = v["response"].as_str().unwrap();
+                a += text.matches('a').count();
+                n += 1;
+            }
+        }
+        a as f64 / n as f64
+    };
+    let (a_first, a_last) = (a_rate(1..=3), a_rate(8..=10));
+    eprintln!("reward first 3 steps {first:.3}, last 3 {last:.3}; 'a' per response {a_first:.2} -> {a_last:.2}");
+    // The references get harder as tasks climb, so a rising reward needs a policy that improves.
+    assert!(last > first + 0.15, "mean reward did not rise: {first:.3} -> {last:.3}");
+    assert!(a_last > 1.5 * a_first + 0.5, "responses did not gain the rewarded letter: {a_first:.2} -> {a_last:.2}");
+    let advanced: u64 = m.iter().map(|v| v["advanced"].as_u64().unwrap()).sum();
+    let levels: Vec<u64> = m[9]["levels"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert!(advanced >= 4 && levels[0] < 8, "ladders did not move: advanced {advanced}, levels {levels:?}");
+    assert_eq!(levels.iter().sum::<u64>(), 8);
+    for v in &m {
+        assert_eq!(v["trained"], v["scored"], "every scored rollout is trained on");
+        assert_eq!(v["rollouts"].as_u64(), Some(16));
+        assert!(v["lr"].as_f64().unwrap() > 0.0 && v["entropy"].as_f64().unwrap() > 0.0);
+        assert!(v["logprob_max_diff"].as_f64().unwrap() < 1e-3, "engine and learner disagree: {v}");
+        assert!(v["sync_bytes"].as_u64().unwrap() > 0, "sync_every = 1 syncs every step");
+    }
+    // Samples name the task, its level, the verdict and the judge's text.
+    let s1 = samples(&run_dir, 1);
+    assert_eq!(s1.len(), 16);
+    assert!(s1[0]["calls"][0]["judge_text"].as_str().unwrap().contains("Verdict"));
+    assert!(s1[0]["task_id"].as_str().unwrap().starts_with('t') && s1[0]["level"].as_u64() == Some(0));
+    // Checkpoints at 5 and 10, latest -> 10; only the newest export is left.
+    let ck = run_dir.join("checkpoints");
+    assert_eq!(std::fs::read_to_string(ck.join("latest")).unwrap().trim(), "step-000010");
+    assert!(ck.join("step-000005/manifest.json").is_file());
+    let exports: Vec<_> = std::fs::read_dir(run_dir.join("policy")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(exports.len(), 1, "{exports:?}");
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// As soon as the first judge request of this process arrives: the other rollouts are
+    /// still generating.
+    MidGeneration,
+    /// With `k` requests seen and one in flight.
+    MidJudge(usize),
+    /// While a checkpoint's temporary directory exists.
+    MidCheckpoint,
+    After(Duration),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_then_resume_bit_exact() {
+    let s = Setup::new(6);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let judge = more_a_judge();
+    let server = ScriptedServer::start(Behavior::rule(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Behavior::delay(Duration::from_millis(100), judge.clone())
+    }))
+    .await
+    .unwrap();
+    // sync_every 3 and save_every 2: some checkpoints hold an engine export older than the learner.
+    let run = "steps = 16\nbatch_prompts = 2\nn_samples = 3\nsync_every = 3\nsave_every = 2\nkeep_last = 2\njudge_concurrency = 4";
+    let config = s.config("kill", &server.base_url(), run, "[learner.lora]\nenabled = false\n");
+
+    let straight = s.path("runs/straight");
+    let (code, _, err) = run_to_end(&config, &straight, &[]).await;
+    assert_eq!(code, 0, "{err}");
+
+    let crashed = s.path("runs/crashed");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let plan = [
+        Kill::MidGeneration,
+        Kill::MidJudge(3),
+        Kill::MidCheckpoint,
+        Kill::After(Duration::from_millis(rng.random_range(300..1500))),
+        Kill::MidJudge(rng.random_range(2..6)),
+        Kill::MidCheckpoint,
+        Kill::After(Duration::from_millis(rng.random_range(300..1500))),
+    ];
+    let mut landed = Vec::new();
+    for kill in plan {
+        let start_requests = seen.load(Ordering::SeqCst);
+        let mut child = spawn(&config, &crashed, &[], &[]);
+        let t0 = Instant::now();
+        let hit = loop {
+            if let Ok(Some(_)) = child.child.try_wait() {
+                break false;
+            }
+            let got = seen.load(Ordering::SeqCst) - start_requests;
+            let fire = match kill {
+                Kill::MidGeneration => got >= 1,
+                Kill::MidJudge(k) => got >= k && server.in_flight() > 0,
+                Kill::MidCheckpoint => std::fs::read_dir(crashed.join("checkpoints"))
+                    .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-step-")))
+                    .unwrap_or(false),
+                Kill::After(d) => t0.elapsed() >= d,
+            };
+            if fire {
+                child.child.start_kill().unwrap(); // SIGKILL
+                break true;
+            }
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        };
+        let tail = child.stderr().lines().last().unwrap_or_default().to_string();
+        let (code, _, _) = child.wait().await;
+        landed.push(format!("{kill:?}: {} (last log: {tail})", if hit { "killed" } else { "finished first" }));
+        if !hit {
+            assert_eq!(code, 0);
+            break;
+        }
+    }
+    eprintln!("kills:\n  {}", landed.join("\n  "));
+    assert!(landed.iter().filter(|l| l.contains("killed")).count() >= 4, "too few kills landed: {landed:?}");
+    let (code, _, err) = run_to_end(&config, &crashed, &[]).await;
+    assert_eq!(code, 0, "{err}");
+
+    let (a, b) = (read_jsonl(&straight.join("metrics.jsonl")).unwrap(), read_jsonl(&crashed.join("metrics.jsonl")).unwrap());
+    assert_eq!(steps_of(&b), (1..=16).collect::<Vec<_>>(), "a step missing or repeated");
+    for (x, y) in a.iter().zip(&b) {
+        // Same rewards, verdicts, ladder moves, losses: the same training, step by step.
+        assert_eq!(deterministic_part(x), deterministic_part(y), "step {} differs", x["step"]);
+    }
+    let last = |d: &Path| d.join("checkpoints/step-000016");
+    for f in ["learner/trainable.safetensors", "learner/optimizer.safetensors", "trainer.json"] {
+        if f == "trainer.json" {
+            let (x, y) = (
+                serde_json::from_str::<Value>(&std::fs::read_to_string(last(&straight).join(f)).unwrap()).unwrap(),
+                serde_json::from_str::<Value>(&std::fs::read_to_string(last(&crashed).join(f)).unwrap()).unwrap(),
+            );
+            assert_eq!(x["curriculum"], y["curriculum"]);
+            assert_eq!(x["sampler"], y["sampler"]);
+        } else {
+            assert_eq!(sha(&last(&straight).join(f)), sha(&last(&crashed).join(f)), "{f} differs after kills");
+        }
+    }
+    for st in 1..=16 {
+        let strip = |v: Vec<Value>| -> Vec<Value> {
+            v.into_iter()
+                .map(|mut x| {
+                    for c in x["calls"].as_array_mut().unwrap() {
+                        c.as_object_mut().unwrap().remove("latency_ms");
+                    }
+                    x
+                })
+                .collect()
+        };
+        assert_eq!(strip(samples(&straight, st)), strip(samples(&crashed, st)), "samples of step {st}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_newest_checkpoint_resumes_from_the_previous_one() {
+    let s = Setup::new(4);
+    let server = ScriptedServer::start(more_a_judge()).await.unwrap();
+    let run = "steps = 4\nbatch_prompts = 2\nn_samples = 2\nsave_every = 2";
+    let config = s.config("corrupt", &server.base_url(), run, "");
+    let dir = s.path("runs/corrupt");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let want = sha(&dir.join("checkpoints/step-000004/learner/trainable.safetensors"));
+    let before = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+
+    // Truncate the newest checkpoint's weights and drop the last metrics lines, as a crash
+    // mid-write would.
+    let victim = dir.join("checkpoints/step-000004/learner/trainable.safetensors");
+    let len = std::fs::metadata(&victim).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&victim).unwrap().set_len(len / 2).unwrap();
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: skipping checkpoint") && err.contains("step-000004") && err.contains("checksum"), "{err}");
+    assert!(err.contains("resumed from") && err.contains("step-000002"), "{err}");
+    let after = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&after), vec![1, 2, 3, 4]);
+    for (x, y) in before.iter().zip(&after) {
+        assert_eq!(deterministic_part(x), deterministic_part(y));
+    }
+    assert_eq!(sha(&victim), want, "steps 3-4 redone give the same weights");
+    orchestrator::checkpoint::Checkpoints::verify(&dir.join("checkpoints/step-000004")).expect("rewritten checkpoint verifies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn judge_outage_leaves_rollouts_unscored_or_stops_the_run() {
+    let s = Setup::new(4);
+    // Requests 6..18 fail with 503: a window inside the run.
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let judge = more_a_judge();
+    let server = ScriptedServer::start(Behavior::rule(move |_| {
+        let i = c.fetch_add(1, Ordering::SeqCst);
+        if (6..18).contains(&i) {
+            Behavior::unavailable(None)
+        } else {
+            judge.clone()
+        }
+    }))
+    .await
+    .unwrap();
+    let run = "steps = 6\nbatch_prompts = 2\nn_samples = 2\nsave_every = 2";
+    let config = s.config("outage", &server.base_url(), run, "");
+    let dir = s.path("runs/outage");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), (1..=6).collect::<Vec<_>>());
+    let unscored: u64 = m.iter().map(|v| v["unscored"].as_u64().unwrap()).sum();
+    assert_eq!(unscored, 12, "every failed call is an unscored rollout");
+    for v in &m {
+        let (sc, un) = (v["scored"].as_u64().unwrap(), v["unscored"].as_u64().unwrap());
+        assert_eq!(sc + un, 4);
+        assert_eq!(v["trained"].as_u64().unwrap(), sc, "trained only on scored rollouts: {v}");
+        assert_eq!(v["wins"].as_u64().unwrap() + v["ties"].as_u64().unwrap() + v["losses"].as_u64().unwrap(), sc);
+        if sc == 0 {
+            assert!(v["reward_mean"].is_null() && v["kl"].is_null() && v["lr"].is_null(), "no update without scores: {v}");
+            assert_eq!(v["skipped_groups"].as_u64(), Some(2));
+        }
+    }
+    let reasons: Vec<String> = (1..=6)
+        .flat_map(|st| samples(&dir, st))
+        .filter(|v| v["reward"].is_null())
+        .map(|v| v["unscored_reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(reasons.len(), 12);
+    assert!(reasons.iter().all(|r| r.contains("503")), "{reasons:?}");
+
+    // With a breaker, the run stops with a checkpoint and a clear message instead.
+    count.store(0, Ordering::SeqCst);
+    let config = s.config("breaker", &server.base_url(), run, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("breaker_failures = 0", "breaker_failures = 3\nbreaker_cooldown_secs = 30");
+    std::fs::write(&config, text).unwrap();
+    let dir = s.path("runs/breaker");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("judge unavailable") && err.contains("resume with"), "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    let stopped_at = m.last().map(|v| v["step"].as_u64().unwrap()).unwrap_or(0);
+    assert!(stopped_at < 6);
+    if stopped_at > 0 {
+        assert!(dir.join(format!("checkpoints/step-{stopped_at:06}/manifest.json")).is_file(), "checkpoint at the stop");
+    }
+    // The judge is back (the window has passed): resuming finishes the run.
+    count.store(100, Ordering::SeqCst);
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(steps_of(&read_jsonl(&dir.join("metrics.jsonl")).unwrap()), (1..=6).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_mode_waits_for_the_judge_and_rejudges() {
+    let s = Setup::new(4);
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let judge = more_a_judge();
+    let server = ScriptedServer::start(Behavior::rule(move |_| {
+        let i = c.fetch_add(1, Ordering::SeqCst);
+        if (4..10).contains(&i) {
+            Behavior::unavailable(None)
+        } else {
+            judge.clone()
+        }
+    }))
+    .await
+    .unwrap();
+    let run = "steps = 3\nbatch_prompts = 2\nn_samples = 2\non_judge_down = \"pause\"\njudge_down_max_wait_secs = 60";
+    let config = s.config("pause", &server.base_url(), run, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("breaker_failures = 0", "breaker_failures = 2\nbreaker_cooldown_secs = 0.3");
+    std::fs::write(&config, text).unwrap();
+    let dir = s.path("runs/pause");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("pausing"), "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2, 3]);
+    // Rollouts refused while the breaker was open were asked again once it closed.
+    let unscored: u64 = m.iter().map(|v| v["unscored"].as_u64().unwrap()).sum();
+    assert!(unscored < 6, "pause re-asks the judge: {unscored} unscored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_never_reaches_the_run_directory_or_logs() {
+    let s = Setup::new(4);
+    let server = ScriptedServer::start(more_a_judge()).await.unwrap();
+    let run = "steps = 2\nbatch_prompts = 2\nn_samples = 2\nsave_every = 1";
+    let config = s.config("secret", &server.base_url(), run, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("api_key_env = \"\"", "api_key_env = \"ORCH_RUN_TEST_KEY\"");
+    std::fs::write(&config, text).unwrap();
+    let dir = s.path("runs/secret");
+    let secret = "sk-test-7f3a9c1e5b2d4680aa11bb22cc33dd44";
+
+    // Without the variable: a clear error before any model is loaded.
+    let t0 = Instant::now();
+    let (code, _, err) = spawn(&config, &dir, &[], &[]).wait().await;
+    assert_ne!(code, 0);
+    assert!(err.contains("ORCH_RUN_TEST_KEY") && err.contains("judge.openai.api_key_env"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+
+    let (code, out, err) = spawn(&config, &dir, &[], &[("ORCH_RUN_TEST_KEY", secret)]).wait().await;
+    assert_eq!(code, 0, "{err}");
+    let auth = server.requests()[0].authorization.clone().unwrap();
+    assert!(auth.contains(secret), "the key is sent to the judge");
+    assert!(!out.contains(secret) && !err.contains(secret));
+    let mut files = 0;
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files += 1;
+                let bytes = std::fs::read(&p).unwrap();
+                assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "key found in {}", p.display());
+            }
+        }
+    }
+    assert!(files > 10, "checked {files} files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_errors_fail_fast_and_sigint_checkpoints() {
+    let s = Setup::new(4);
+    let server = ScriptedServer::start(Behavior::delay(Duration::from_millis(150), more_a_judge())).await.unwrap();
+    let run = "steps = 40\nbatch_prompts = 2\nn_samples = 2\nsave_every = 100";
+    let config = s.config("ops", &server.base_url(), run, "");
+    let dir = s.path("runs/ops");
+
+    // Config mistakes: named key, non-zero exit, well under a second, nothing created.
+    let bad = s.path("bad.toml");
+    std::fs::write(&bad, std::fs::read_to_string(&config).unwrap().replace("n_samples = 2", "n_samples = 0")).unwrap();
+    let t0 = Instant::now();
+    let (code, _, err) = run_to_end(&bad, &s.path("runs/bad"), &[]).await;
+    assert!(code != 0 && err.contains("run.n_samples") && err.contains("bad.toml"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert!(!s.path("runs/bad").exists());
+
+    // SIGINT mid-run: exit 0, a checkpoint at the last finished step, and how to resume.
+    let child = spawn(&config, &dir, &[], &[]);
+    let t0 = Instant::now();
+    while !child.stderr().contains("step 2/40") {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{}", child.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = child.child.id().unwrap() as i32;
+    assert_eq!(unsafe_kill(pid, 2), 0);
+    let (code, out, err) = child.wait().await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Resume with") && out.contains("--run-dir"), "{out}");
+    let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    let last = m.last().unwrap()["step"].as_u64().unwrap();
+    assert_eq!(latest.trim(), format!("step-{last:06}"));
+
+    // --resume never over an existing run, and a changed config, are refused.
+    let (code, _, err) = run_to_end(&config, &dir, &["--resume", "never"]).await;
+    assert!(code != 0 && err.contains("already holds a run"), "{err}");
+    let changed = std::fs::read_to_string(&config).unwrap().replace("lr = 2e-3", "lr = 5e-3").replace("steps = 40", "steps = 3");
+    std::fs::write(&config, changed).unwrap();
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert!(code != 0 && err.contains("learner.lr: 0.002 -> 0.005") && err.contains("--allow-config-change"), "{err}");
+    let (code, _, err) = run_to_end(&config, &dir, &["--allow-config-change", "run.steps"]).await;
+    assert!(code != 0 && err.contains("learner.lr"), "{err}");
+    // Allowed: it resumes and, with fewer steps than done, has nothing to do (or finishes).
+    let (code, out, err) = run_to_end(&config, &dir, &["--allow-config-change", "run.steps,learner.lr"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("run complete"), "{out}");
+}
+
+fn unsafe_kill(pid: i32, sig: i32) -> i32 {
+    std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| if s.success() { 0 } else { 1 }).unwrap_or(1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_sync_writes_only_the_adapted_weights_and_the_engine_serves_them() {
+    use orchestrator::engine::{Engine, GenRequest, MistralEngine, SamplingConfig, SeedKey};
+    let s = Setup::new(4);
+    // Prefers the shorter answer: mixed outcomes, so the update moves the adapters.
+    let server = ScriptedServer::start(orchestrator::judge::scripted::rules::verdict_by(|a, b| {
+        use orchestrator::judge::Verdict;
+        match a.len().cmp(&b.len()) {
+            std::cmp::Ordering::Less => Verdict::First,
+            std::cmp::Ordering::Greater => Verdict::Second,
+            std::cmp::Ordering::Equal => Verdict::Tie,
+        }
+    }))
+    .await
+    .unwrap();
+    let run = "steps = 2\nbatch_prompts = 2\nn_samples = 4\nsave_every = 2";
+    let lora = "[learner.lora]\nenabled = true\nrank = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n";
+    let config = s.config("lora", &server.base_url(), run, lora);
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace("lr = 2e-3", "lr = 5e-2")).unwrap();
+    let dir = s.path("runs/lora");
+    let opts = orchestrator::trainer::RunOptions {
+        config: config.clone(),
+        run_dir: Some(dir.clone()),
+        resume: orchestrator::trainer::Resume::Auto,
+        allow_config_change: vec![],
+    };
+    orchestrator::trainer::run(opts).await.unwrap();
+
+    let export = dir.join("policy/step-000002");
+    let trained = orchestrator::learner::model::read_all(&export.join("model-00002-of-00002.safetensors")).unwrap();
+    let names: Vec<&String> = trained.keys().collect();
+    assert_eq!(names.len(), 4, "2 layers x (q_proj, v_proj): {names:?}");
+    assert!(names.iter().all(|n| n.ends_with("q_proj.weight") || n.ends_with("v_proj.weight")), "{names:?}");
+    let base = orchestrator::learner::model::read_all(&s.model.join("model.safetensors")).unwrap();
+    assert!(trained.iter().any(|(n, t)| !t.allclose(&base[n], 0.0, 0.0, false)), "the adapters changed nothing");
+    let frozen = orchestrator::learner::model::read_all(&export.join("model-00001-of-00002.safetensors")).unwrap();
+    assert_eq!(frozen.len() + trained.len(), base.len());
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    let shard = std::fs::metadata(export.join("model-00002-of-00002.safetensors")).unwrap().len();
+    let (first, second) = (m[0]["sync_bytes"].as_u64().unwrap(), m[1]["sync_bytes"].as_u64().unwrap());
+    assert!(second >= shard && second < shard + 200_000, "a sync writes the adapted projections (+ config): {second} vs {shard}");
+    assert!(first > second, "the frozen weights are written once, at the first sync");
+
+    // The engine on the split export serves exactly the learner's merged weights.
+    let cfg = orchestrator::config::Config::load(&config).unwrap();
+    let mut learner = orchestrator::learner::Learner::new(&cfg.learner, &s.model, cfg.run.seed).unwrap();
+    learner.load(&dir.join("checkpoints/step-000002/learner")).unwrap();
+    let full = s.path("full-export");
+    learner.export(&full).unwrap();
+    let greedy = |path: PathBuf| {
+        let mut model = cfg.model.clone();
+        model.path = path;
+        let engine_cfg = cfg.engine.clone();
+        async move {
+            let e = MistralEngine::load(&model, &engine_cfg).await.unwrap();
+            let reqs: Vec<GenRequest> = ["a poem", "the sea", "a letter"]
+                .iter()
+                .enumerate()
+                .map(|(i, p)| GenRequest {
+                    messages: vec![orchestrator::engine::ChatMessage::new(orchestrator::engine::Role::User, *p)],
+                    n: 1,
+                    seed: SeedKey::new(0, 0, i as u64),
+                })
+                .collect();
+            e.generate(&reqs, &SamplingConfig::greedy(12)).await.unwrap().into_iter().map(|g| g[0].ids.clone()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(greedy(export).await, greedy(full).await);
+}
