@@ -83,35 +83,89 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
-/// Writes named tensors as one safetensors file, atomically.
+/// A contiguous CPU tensor seen as safetensors bytes without copying them.
+struct TchView {
+    t: Tensor,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    len: usize,
+}
+
+impl TchView {
+    fn new(name: &str, t: &Tensor) -> Result<Self> {
+        let t = t.detach().to_device(Device::Cpu).contiguous();
+        let dtype = match t.kind() {
+            Kind::Float => safetensors::Dtype::F32,
+            Kind::BFloat16 => safetensors::Dtype::BF16,
+            Kind::Half => safetensors::Dtype::F16,
+            Kind::Double => safetensors::Dtype::F64,
+            Kind::Int64 => safetensors::Dtype::I64,
+            k => bail!("tensor {name}: cannot save kind {k:?}"),
+        };
+        let shape = t.size().iter().map(|&x| x as usize).collect();
+        let len = t.numel() * t.kind().elt_size_in_bytes();
+        Ok(Self { t, dtype, shape, len })
+    }
+}
+
+impl safetensors::View for &TchView {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.len == 0 {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
+        // SAFETY: `t` is a contiguous CPU tensor owned by `self`, so its storage holds `len`
+        // initialised bytes at `data_ptr` for as long as the borrow of `self`.
+        std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.t.data_ptr() as *const u8, self.len) })
+    }
+    fn data_len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Writes named tensors as one safetensors file, atomically and durably (fsynced).
 pub fn write_all(path: &Path, tensors: &[(String, Tensor)], metadata: Option<std::collections::HashMap<String, String>>) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous())).collect();
-    let bytes: Vec<Vec<u8>> = cpu
-        .iter()
-        .map(|(n, t)| {
-            let numel = t.numel();
-            let mut buf = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-            t.f_copy_data_u8(&mut buf, numel).with_context(|| format!("reading tensor {n}"))?;
-            Ok(buf)
-        })
-        .collect::<Result<_>>()?;
-    let views = cpu
-        .iter()
-        .zip(&bytes)
-        .map(|((n, t), b)| {
-            let dtype = match t.kind() {
-                Kind::Float => safetensors::Dtype::F32,
-                Kind::BFloat16 => safetensors::Dtype::BF16,
-                Kind::Half => safetensors::Dtype::F16,
-                Kind::Double => safetensors::Dtype::F64,
-                Kind::Int64 => safetensors::Dtype::I64,
-                k => bail!("tensor {n}: cannot save kind {k:?}"),
-            };
-            let shape: Vec<usize> = t.size().iter().map(|&x| x as usize).collect();
-            Ok((n.clone(), safetensors::tensor::TensorView::new(dtype, shape, b)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, metadata)?;
-    crate::fsutil::atomic_write(path, &data)
+    write_tensors(path, tensors, metadata, true)
+}
+
+/// As [`write_all`] without fsync: for files that are rebuilt after a crash anyway (the weight
+/// exports the engine reloads), where waiting for the disk would only slow the sync.
+pub fn write_all_unsynced(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_tensors(path, tensors, None, false)
+}
+
+/// Streams the tensors' bytes straight from their storage into a temporary sibling, then
+/// renames it over `path`.
+fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+    durable: bool,
+) -> Result<()> {
+    let views: Vec<(String, TchView)> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), TchView::new(n, t)?))).collect::<Result<_>>()?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| -> Result<()> {
+        safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), metadata, &tmp)?;
+        if durable {
+            std::fs::File::open(&tmp)?.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if durable {
+            crate::fsutil::sync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
 }

@@ -14,7 +14,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::engine::Engine;
-use crate::learner::{model::write_all, Learner};
+use crate::learner::model::{write_all, write_all_unsynced};
+use crate::learner::Learner;
 
 const FROZEN: &str = "frozen.safetensors";
 const SINGLE: &str = "model.safetensors";
@@ -55,18 +56,19 @@ pub fn export(learner: &Learner, root: &Path, step: u64) -> Result<(PathBuf, Exp
     let changed = learner.policy().changed_weights();
     if frozen.is_empty() {
         let p = staging.join(SINGLE);
-        write_all(&p, &changed, None)?;
+        write_all_unsynced(&p, &changed)?;
         out.bytes += file_bytes(&p);
     } else {
         let fp = root.join(FROZEN);
         if !fp.is_file() {
+            // Kept across restarts, so written durably.
             write_all(&fp, &frozen, None)?;
             out.frozen_bytes = file_bytes(&fp);
         }
         std::fs::hard_link(&fp, staging.join(SHARD_FROZEN))
             .with_context(|| format!("linking {} into {}", fp.display(), staging.display()))?;
         let p = staging.join(SHARD_TRAINED);
-        write_all(&p, &changed, None)?;
+        write_all_unsynced(&p, &changed)?;
         out.bytes += file_bytes(&p);
     }
     let fin = export_dir(root, step);
@@ -132,14 +134,23 @@ pub fn link_files(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The machine's file copy bandwidth in bytes/s: `src` copied to a sibling and fsynced, as an
-/// export writes it.
-pub fn copy_bandwidth(src: &Path) -> Result<f64> {
+/// The machine's write bandwidth in bytes/s for `src`'s bytes, measured two ways: as an export
+/// writes (from memory into the page cache, no fsync: exports are rebuilt after a crash), and
+/// durably (fsynced to the disk, as a checkpoint writes).
+pub fn copy_bandwidth(src: &Path) -> Result<(f64, f64)> {
+    use std::io::Write;
+    let bytes = std::fs::read(src)?;
     let dst = src.with_extension("bwtest");
     let t0 = Instant::now();
-    let bytes = std::fs::copy(src, &dst)?;
-    std::fs::File::open(&dst)?.sync_all()?;
-    let secs = t0.elapsed().as_secs_f64();
+    std::fs::File::create(&dst)?.write_all(&bytes)?;
+    let cached = t0.elapsed().as_secs_f64();
     std::fs::remove_file(&dst)?;
-    Ok(bytes as f64 / secs.max(1e-9))
+    let t0 = Instant::now();
+    let mut f = std::fs::File::create(&dst)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    let durable = t0.elapsed().as_secs_f64();
+    std::fs::remove_file(&dst)?;
+    let n = bytes.len() as f64;
+    Ok((n / cached.max(1e-9), n / durable.max(1e-9)))
 }
