@@ -306,14 +306,14 @@ fn opt(v: Option<f64>) -> String {
 /// A plain-text table: one row for all tasks, one per domain.
 pub fn table(s: &Summary) -> String {
     let mut out = format!(
-        "{:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>8} {:>16} {:>8} {:>6}\n",
-        "domain", "pairs", "win", "tie", "loss", "unsc.", "win rate", "95% CI", "consist.", "first"
+        "{:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>8} {:>16} {:>7} {:>8} {:>6}\n",
+        "domain", "pairs", "win", "tie", "loss", "unsc.", "win rate", "95% CI", "reward", "consist.", "first"
     );
     let row = |name: &str, t: &Tally| {
         let ci = t.ci95.map(|(l, h)| format!("[{l:.3}, {h:.3}]")).unwrap_or_else(|| "-".into());
         let name: String = name.chars().take(24).collect();
         format!(
-            "{:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>8} {:>16} {:>8} {:>6}\n",
+            "{:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>8} {:>16} {:>7} {:>8} {:>6}\n",
             name,
             t.pairs,
             t.wins,
@@ -322,6 +322,7 @@ pub fn table(s: &Summary) -> String {
             t.unscored,
             opt(t.win_rate),
             ci,
+            opt(t.mean_reward),
             opt(t.position_consistency),
             opt(t.first_position_rate)
         )

@@ -212,29 +212,62 @@ fn draw_lines(area: &Area, title: &str, x: std::ops::Range<f64>, y_desc: &str, a
             chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(err)?;
         }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(err)?;
+    let drawn = all.iter().any(|s| s.points.iter().any(|p| p.1.is_some()));
+    legend_or_no_data(&mut chart, drawn)
+}
+
+/// The legend, or a note that every value was null (a plot left blank would look like a bug).
+fn legend_or_no_data<'a>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>,
+    drawn: bool,
+) -> Result<()> {
+    if drawn {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(err)?;
+    } else {
+        let area = chart.plotting_area();
+        let (w, h) = area.dim_in_pixel();
+        let style = TextStyle::from(("sans-serif", 20).into_font())
+            .color(&RGBColor(110, 110, 110))
+            .pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Center,
+            ));
+        let text = "no data: every value is null in metrics.jsonl";
+        area.strip_coord_spec()
+            .draw(&Text::new(text, (w as i32 / 2, h as i32 / 2), style))
+            .map_err(err)?;
+    }
     Ok(())
 }
 
 /// Stacked areas: layer i is drawn from the sum of layers < i to the sum of layers <= i. A step
-/// where any layer is null is left out of the whole stack.
-fn draw_stacked(area: &Area, title: &str, x: std::ops::Range<f64>, y_desc: &str, layers: &[Series]) -> Result<()> {
+/// where any layer is null is left out of the whole stack, unless `null_is_zero` (phase times:
+/// a phase that did not run took no time), where only steps with no value at all are left out.
+fn draw_stacked(area: &Area, title: &str, x: std::ops::Range<f64>, y_desc: &str, layers: &[Series], null_is_zero: bool) -> Result<()> {
     let n = layers.first().map(|l| l.points.len()).unwrap_or(0);
-    let complete: Vec<usize> = (0..n).filter(|&i| layers.iter().all(|l| l.points[i].1.is_some())).collect();
+    let complete: Vec<usize> = (0..n)
+        .filter(|&i| {
+            if null_is_zero {
+                layers.iter().any(|l| l.points[i].1.is_some())
+            } else {
+                layers.iter().all(|l| l.points[i].1.is_some())
+            }
+        })
+        .collect();
     let mut cum = vec![0.0f64; n];
     let mut tops: Vec<Vec<(f64, f64, f64)>> = Vec::new();
     for l in layers {
         let mut pts = Vec::new();
         for &i in &complete {
             let base = cum[i];
-            cum[i] += l.points[i].1.unwrap();
+            cum[i] += l.points[i].1.unwrap_or(0.0);
             pts.push((l.points[i].0, base, cum[i]));
         }
         tops.push(pts);
@@ -278,15 +311,7 @@ fn draw_stacked(area: &Area, title: &str, x: std::ops::Range<f64>, y_desc: &str,
             .draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.2)), color.stroke_width(1)))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(err)?;
-    Ok(())
+    legend_or_no_data(&mut chart, !complete.is_empty())
 }
 
 const SIZE: (u32, u32) = (1000, 560);
@@ -357,7 +382,7 @@ pub fn write_report(rows: &[Row], out: &Path, metrics: &Path) -> Result<()> {
                 })
             })
             .collect();
-        draw_stacked(a, "Tasks per ladder level", x.clone(), "tasks", &layers)
+        draw_stacked(a, "Tasks per ladder level", x.clone(), "tasks", &layers, false)
     })?;
     png(&out.join(PLOTS[3].0), (SIZE.0, SIZE.1 * 3 / 2), |a| {
         let (top, bottom) = a.split_vertically(SIZE.1 * 3 / 4);
@@ -374,7 +399,7 @@ pub fn write_report(rows: &[Row], out: &Path, metrics: &Path) -> Result<()> {
     png(&out.join(PLOTS[5].0), SIZE, |a| {
         let layers: Vec<Series> =
             PHASES.iter().enumerate().map(|(i, (name, f))| series(rows, name, c[i], *f)).collect();
-        draw_stacked(a, "Wall time per step by phase", x.clone(), "seconds", &layers)
+        draw_stacked(a, "Wall time per step by phase", x.clone(), "seconds", &layers, true)
     })?;
     let md = summary_md(rows, metrics);
     crate::fsutil::atomic_write(&out.join("summary.md"), md.as_bytes())

@@ -340,7 +340,7 @@ fn metrics_rows() -> Vec<Value> {
                 "value_loss": opt(0.2), "policy_loss": opt(-0.01), "grad_norm": opt(0.9), "lr": opt(1e-6),
                 "response_tokens_mean": 90.0 + 3.0 * s as f64, "response_tokens_max": 160, "truncated": s % 3,
                 "gen_tokens_per_s": 35.0, "learn_tokens_per_s": 150.0, "judge_calls": 32, "judge_retries": 0,
-                "t_generate": tg, "t_judge_tail": tj, "t_learn": tl, "t_sync": ts, "t_checkpoint": tc, "t_other": to,
+                "t_generate": tg, "t_judge_tail": tj, "t_learn": opt(tl), "t_sync": ts, "t_checkpoint": tc, "t_other": to,
                 "t_step": tg + tj + tl + ts + tc + to, "sync_bytes": 1000,
             })
         })
@@ -374,6 +374,10 @@ fn report_writes_readable_pngs_and_a_summary_with_the_totals() {
     assert!(md.contains(&format!("level 0: {}, level 1: {}, level 2: {}", last[0], last[1], last[2])), "{md}");
     let wall: f64 = rows.iter().map(|r| r["t_step"].as_f64().unwrap()).sum();
     assert!(md.contains(&format!("Total wall time (sum of step times): {wall:.1} s")), "{md}");
+    // t_learn is null on the two steps without an update: they add nothing to the learn phase.
+    let learn: f64 = rows.iter().filter_map(|r| r["t_learn"].as_f64()).sum();
+    assert_eq!(learn, 10.0 * 12.5);
+    assert!(md.contains(&format!("| learn | {learn:.1} | {:.1}% |", 100.0 * learn / wall)), "{md}");
     for name in ["reward.png", "phase_times.png", "levels.png"] {
         assert!(md.contains(&format!("]({name})")), "{md}");
     }

@@ -105,8 +105,10 @@ pub async fn run(args: EvalArgs) -> Result<()> {
     crate::fsutil::atomic_write(&spath, &serde_json::to_vec_pretty(&summary)?)?;
     print!("{}", eval::table(&summary));
     println!(
-        "win rate = (wins + ties/2) / scored pairs; a win needs both orders to prefer the policy. \
-         generate {t_gen:.1}s, judge {t_judge:.1}s"
+        "win rate = (wins + ties/2) / scored pairs (a win needs both orders to prefer the policy); \
+         reward = mean [reward] value{}; consist. = pairs whose orders agreed; first = calls choosing \
+         the first-read answer. generate {t_gen:.1}s, judge {t_judge:.1}s",
+        if cfg.reward.soft { " (soft where label probabilities exist)" } else { "" }
     );
     println!("wrote {} and {}", jpath.display(), spath.display());
     Ok(())
