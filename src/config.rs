@@ -154,6 +154,14 @@ impl RunConfig {
     }
 }
 
+/// The build a config is checked for: this binary, or a CUDA build of it, so CI on a CPU
+/// machine can check a GPU config (`orchestrator check --for-build cuda`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Build {
+    This,
+    Cuda,
+}
+
 /// Collects range errors as `key.path: message` lines.
 #[derive(Default)]
 pub struct Problems(pub Vec<String>);
@@ -191,6 +199,15 @@ impl Config {
     pub fn load_with_env(
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        Self::load_for(path, env, Build::This)
+    }
+
+    /// As [`Config::load_with_env`], checking what the given build can run (see [`Build`]).
+    pub fn load_for(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+        build: Build,
     ) -> Result<Self> {
         if !path.is_file() {
             bail!("config file {} does not exist", path.display());
@@ -232,7 +249,7 @@ impl Config {
             anyhow::anyhow!("{}: {key}: {}{origin}", path.display(), e.inner())
         })?;
         cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        cfg.validate()
+        cfg.validate_for(build)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
@@ -247,7 +264,17 @@ impl Config {
 
     /// Range checks; every problem is reported, each with its key path.
     pub fn validate(&self) -> Result<()> {
+        self.validate_for(Build::This)
+    }
+
+    /// Range checks plus what `build` can run.
+    pub fn validate_for(&self, build: Build) -> Result<()> {
         let mut p = Problems::default();
+        for (key, msg, here) in self.needs_cuda() {
+            if build == Build::This && !here {
+                p.push(key, format!("{msg}; this binary has no CUDA (scripts/build-cuda.sh builds one)"));
+            }
+        }
         self.engine.validate("engine", &mut p);
         self.run.validate("run", &mut p);
         self.judge.validate("judge", &mut p);
@@ -260,6 +287,26 @@ impl Config {
         } else {
             bail!("{}", p.0.join("\n  "))
         }
+    }
+
+    /// Settings only a CUDA build can run, as (key path, why, whether this binary can).
+    pub fn needs_cuda(&self) -> Vec<(&'static str, &'static str, bool)> {
+        let mut v = Vec::new();
+        if self.engine.paged_attention.enabled {
+            v.push((
+                "engine.paged_attention.enabled",
+                "paged attention needs a CUDA build (--features cuda)",
+                cfg!(feature = "cuda"),
+            ));
+        }
+        if self.learner.device.starts_with("cuda") {
+            v.push((
+                "learner.device",
+                "a cuda learner needs a CUDA libtorch build (--features torch-cuda)",
+                cfg!(feature = "torch-cuda"),
+            ));
+        }
+        v
     }
 
     /// The model's format after resolving `auto`.

@@ -20,7 +20,13 @@ enum Command {
     /// Resumes from the run directory's newest complete checkpoint by default.
     Run(RunArgs),
     /// Validate a config file (and environment overrides) without loading any weights.
-    Check { config: PathBuf },
+    Check {
+        config: PathBuf,
+        /// Check for this binary (default) or for a CUDA build of it: CUDA-only settings
+        /// (paged attention, a cuda learner) are then listed instead of rejected.
+        #[arg(long, value_enum, default_value = "this")]
+        for_build: orchestrator::config::Build,
+    },
     /// Sample answers for a JSONL file of prompts.
     Generate(cli::generate::GenerateArgs),
     /// Reward a JSONL file of (prompt, criteria?, response, reference) pairs with the judge.
@@ -32,6 +38,11 @@ enum Command {
     /// Margin-aware data selection: keep the tasks with the largest (best candidate - policy)
     /// margins, with reference ladders ordered by the judge's scores.
     Select(cli::select::SelectArgs),
+    /// Pairwise evaluation: policy vs baseline answers on held-out tasks, judged in both orders;
+    /// win/tie/loss, win rate with a 95% Wilson interval, position consistency, per domain.
+    Eval(cli::eval::EvalArgs),
+    /// Plots (PNG) and a markdown summary of a run's metrics.jsonl, into RUN_DIR/report/.
+    Report(cli::report::ReportArgs),
     /// Print throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -144,14 +155,19 @@ async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run(_) => unreachable!("handled in main"),
         Command::Bench(BenchCommand::Run(args)) => orchestrator::trainer::bench::run(args).await,
-        Command::Check { config } => {
-            let cfg = Config::load(&config)?;
+        Command::Check { config, for_build } => {
+            let cfg = Config::load_for(&config, std::env::vars(), for_build)?;
             println!(
                 "ok: {} (model {}, {:?})",
                 config.display(),
                 cfg.model.path.display(),
                 cfg.model_format()
             );
+            for (key, msg, here) in cfg.needs_cuda() {
+                if !here {
+                    println!("note: {key}: {msg}; checked for a CUDA build, this binary cannot run it");
+                }
+            }
             Ok(())
         }
         Command::Generate(args) => cli::generate::run(args).await,
@@ -161,6 +177,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
         }
         Command::Import(args) => cli::import::run(args),
         Command::Select(args) => cli::select::run(args).await,
+        Command::Eval(args) => cli::eval::run(args).await,
+        Command::Report(args) => cli::report::run(args),
         Command::Bench(BenchCommand::Select { tasks, candidates, latency_ms, concurrency, pairwise }) => {
             cli::select::bench(tasks, candidates, latency_ms, concurrency, pairwise).await
         }

@@ -73,6 +73,32 @@ fn config_errors_name_the_file_and_key_path() {
 }
 
 #[test]
+fn checking_for_a_cuda_build_still_checks_everything_else() {
+    use orchestrator::config::Build;
+    let tmp = tempfile::tempdir().unwrap();
+    let gpu = "[model]\npath = \"m\"\n[engine.paged_attention]\nenabled = true\n[learner]\ndevice = \"cuda\"\n";
+    let p = write(tmp.path(), "gpu.toml", gpu);
+    Config::load_for(&p, vec![], Build::Cuda).unwrap();
+    if !cfg!(feature = "cuda") {
+        let e = format!("{:#}", Config::load_for(&p, vec![], Build::This).unwrap_err());
+        assert!(e.contains("engine.paged_attention.enabled: paged attention needs a CUDA build"), "{e}");
+    }
+    if !cfg!(feature = "torch-cuda") {
+        let e = load_err(&p, &[]);
+        assert!(e.contains("learner.device: a cuda learner needs a CUDA libtorch build"), "{e}");
+    }
+    // Range errors are not excused by the target build.
+    let p = write(
+        tmp.path(),
+        "bad.toml",
+        "[model]\npath = \"m\"\n[engine.paged_attention]\nenabled = true\nblock_size = 7\n[learner]\ndevice = \"tpu\"\n",
+    );
+    let e = format!("{:#}", Config::load_for(&p, vec![], Build::Cuda).unwrap_err());
+    assert!(e.contains("engine.paged_attention.block_size: must be one of") && e.contains("learner.device: must be cpu"), "{e}");
+    assert!(!e.contains("needs a CUDA"), "{e}");
+}
+
+#[test]
 fn environment_overrides_are_typed_and_checked() {
     let tmp = tempfile::tempdir().unwrap();
     let p = write(tmp.path(), "c.toml", "[model]\npath = \"m\"\n[engine.sampling]\ntop_p = 0.9\n");
@@ -99,15 +125,32 @@ fn environment_overrides_are_typed_and_checked() {
 fn check_passes_on_every_shipped_config_and_fails_on_a_bad_one() {
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut n = 0;
+    let mut for_cuda = Vec::new();
     for entry in std::fs::read_dir(&configs).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = Command::new(common::bin()).arg("check").arg(&path).output().unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
             n += 1;
+            if out.status.success() {
+                continue;
+            }
+            // A config for the GPU build: this (CPU) binary names the CUDA-only keys and nothing
+            // else, and the check for a CUDA build passes and lists them.
+            let err = String::from_utf8_lossy(&out.stderr);
+            let cuda_only = err.lines().filter(|l| l.contains("needs a CUDA")).count();
+            let problems = err.lines().filter(|l| l.contains(": ")).count();
+            assert!(cuda_only > 0 && cuda_only == problems, "{}: {err}", path.display());
+            let out = Command::new(common::bin()).args(["check", "--for-build", "cuda"]).arg(&path).output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert_eq!(stdout.lines().filter(|l| l.starts_with("note: ")).count(), cuda_only, "{stdout}");
+            for_cuda.push(path.file_name().unwrap().to_string_lossy().to_string());
         }
     }
-    assert!(n >= 2, "expected the shipped configs, found {n}");
+    assert!(n >= 3, "expected the shipped configs, found {n}");
+    if !cfg!(all(feature = "cuda", feature = "torch-cuda")) {
+        assert_eq!(for_cuda, vec!["7b.toml".to_string()]);
+    }
     let tmp = tempfile::tempdir().unwrap();
     let bad = write(tmp.path(), "bad.toml", "[model]\npath = \"m\"\n[engine.sampling]\ntop_p = 1.7\n");
     let t = std::time::Instant::now();

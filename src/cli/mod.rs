@@ -1,7 +1,9 @@
 //! Subcommand implementations; `main.rs` only parses arguments.
 
 pub mod bench_learner;
+pub mod eval;
 pub mod generate;
 pub mod judge;
+pub mod report;
 pub mod import;
 pub mod select;

@@ -1,0 +1,380 @@
+//! Pairwise evaluation of two models on held-out tasks (`orchestrator eval`).
+//!
+//! Each model writes one answer per task with the embedded engine (same seeds for both, one
+//! model in memory at a time); the judge then compares policy and baseline in both presentation
+//! orders. A pair is a win when both orders prefer the policy, a loss when both prefer the
+//! baseline, a tie otherwise (the `both` rule of [`crate::reward`]); a pair with a failed call
+//! is unscored and left out of the rates. The win rate counts a tie as half a win and comes with
+//! a 95% Wilson score interval.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::{ModelConfig, ModelFormat};
+use crate::data::Task;
+use crate::engine::{ChatMessage, Engine, EngineConfig, GenRequest, MistralEngine, Role, Rollout, SeedKey};
+use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
+use crate::progress::Progress;
+use crate::reward::{self, JudgeCall, Outcome, Position, RewardConfig, RewardStats};
+
+/// z for a two-sided 95% interval.
+pub const Z95: f64 = 1.959_963_984_540_054;
+
+/// The model directory an `eval` argument names. Today: an HF model directory (config.json,
+/// tokenizer, safetensors). The one place to teach it run checkpoints.
+pub fn resolve_model(arg: &Path) -> Result<PathBuf> {
+    if !arg.exists() {
+        bail!("model {} does not exist", arg.display());
+    }
+    if !arg.is_dir() {
+        bail!("model {} is not a directory (expected an HF model directory with config.json)", arg.display());
+    }
+    if !arg.join("config.json").is_file() {
+        bail!("model {} has no config.json (expected an HF model directory)", arg.display());
+    }
+    Ok(arg.to_path_buf())
+}
+
+/// Wilson score interval for `successes` out of `n` (successes may be fractional: ties count
+/// half). None for n = 0.
+pub fn wilson(successes: f64, n: f64, z: f64) -> Option<(f64, f64)> {
+    if !(n > 0.0) {
+        return None;
+    }
+    let p = successes / n;
+    let z2 = z * z;
+    let denom = 1.0 + z2 / n;
+    let centre = p + z2 / (2.0 * n);
+    let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    Some((((centre - half) / denom).max(0.0), ((centre + half) / denom).min(1.0)))
+}
+
+/// Which model the judge read first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    PolicyFirst,
+    BaselineFirst,
+}
+
+/// The model a verdict preferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preferred {
+    Policy,
+    Baseline,
+    Tie,
+}
+
+/// One line of `judgements.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JudgementRecord {
+    pub task_id: String,
+    pub domain: String,
+    pub order: Order,
+    /// None when unscored.
+    pub verdict: Option<Verdict>,
+    pub preferred: Option<Preferred>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unscored_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probs: Option<LabelProbs>,
+    pub raw: String,
+    pub latency_ms: u64,
+    pub retries: u32,
+    pub policy_answer: String,
+    pub baseline_answer: String,
+}
+
+/// Counts and rates for one slice (all tasks, or one domain).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub pairs: u64,
+    pub wins: u64,
+    pub ties: u64,
+    pub losses: u64,
+    pub unscored: u64,
+    pub scored: u64,
+    /// (wins + ties / 2) / scored; None with no scored pair.
+    pub win_rate: Option<f64>,
+    pub ci95: Option<(f64, f64)>,
+    /// Mean reward with the `[reward]` values (soft when configured and available).
+    pub mean_reward: Option<f64>,
+    /// Scored pairs whose two orders agreed.
+    pub position_consistency: Option<f64>,
+    /// Scored calls that chose the first-read answer (position bias).
+    pub first_position_rate: Option<f64>,
+}
+
+impl Tally {
+    fn from_stats(s: &RewardStats, reward_sum: f64) -> Self {
+        let scored = s.wins + s.ties + s.losses;
+        let win_rate = (scored > 0).then(|| (s.wins as f64 + 0.5 * s.ties as f64) / scored as f64);
+        Self {
+            pairs: s.total(),
+            wins: s.wins,
+            ties: s.ties,
+            losses: s.losses,
+            unscored: s.unscored,
+            scored,
+            win_rate,
+            ci95: wilson(s.wins as f64 + 0.5 * s.ties as f64, scored as f64, Z95),
+            mean_reward: (scored > 0).then(|| reward_sum / scored as f64),
+            position_consistency: s.position_consistency(),
+            first_position_rate: s.first_position_rate(),
+        }
+    }
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub policy: PathBuf,
+    pub baseline: PathBuf,
+    pub tasks: usize,
+    pub seed: u64,
+    pub judge: String,
+    pub overall: Tally,
+    pub domains: BTreeMap<String, Tally>,
+}
+
+/// The outcome for the policy of one call.
+fn preferred(v: Verdict, order: Order) -> Preferred {
+    match (v, order) {
+        (Verdict::Tie, _) => Preferred::Tie,
+        (Verdict::First, Order::PolicyFirst) | (Verdict::Second, Order::BaselineFirst) => Preferred::Policy,
+        _ => Preferred::Baseline,
+    }
+}
+
+fn outcome(p: Preferred) -> Outcome {
+    match p {
+        Preferred::Policy => Outcome::Win,
+        Preferred::Tie => Outcome::Tie,
+        Preferred::Baseline => Outcome::Loss,
+    }
+}
+
+pub fn domain_of(t: &Task) -> String {
+    t.domain.clone().filter(|d| !d.trim().is_empty()).unwrap_or_else(|| "unknown".into())
+}
+
+/// One answer per task from the model in `dir`; the engine is dropped before returning.
+pub async fn generate_answers(
+    model: &ModelConfig,
+    engine_cfg: &EngineConfig,
+    tasks: &[Task],
+    seed: u64,
+    what: &str,
+) -> Result<Vec<String>> {
+    let engine = MistralEngine::load(model, engine_cfg).await?;
+    let requests: Vec<GenRequest> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut messages = Vec::new();
+            if let Some(sys) = &t.system {
+                messages.push(ChatMessage::new(Role::System, sys));
+            }
+            messages.push(ChatMessage::new(Role::User, &t.prompt));
+            GenRequest { messages, n: 1, seed: SeedKey::new(seed, 0, i as u64) }
+        })
+        .collect();
+    let progress = Arc::new(Progress::new(tasks.len() as u64, what));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Rollout>();
+    let collector = {
+        let progress = progress.clone();
+        let n = tasks.len();
+        tokio::spawn(async move {
+            let mut answers = vec![None; n];
+            while let Some(r) = rx.recv().await {
+                answers[r.request] = Some(r.text);
+                progress.inc(1);
+            }
+            answers
+        })
+    };
+    engine.generate_into(&requests, &engine_cfg.sampling, tx).await?;
+    let answers = collector.await?;
+    progress.finish();
+    drop(engine);
+    answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| a.with_context(|| format!("{what}: no answer for task {:?}", tasks[i].id)))
+        .collect()
+}
+
+/// Judges every task's pair in both orders and tallies the results.
+pub async fn judge_pairs(
+    judge: &dyn Judge,
+    reward_cfg: &RewardConfig,
+    tasks: &[Task],
+    policy: &[String],
+    baseline: &[String],
+) -> (Vec<JudgementRecord>, Tally, BTreeMap<String, Tally>) {
+    let progress = Progress::new(2 * tasks.len() as u64, "judge");
+    let progress = &progress;
+    let calls = futures::future::join_all(tasks.iter().enumerate().flat_map(|(i, t)| {
+        [Order::PolicyFirst, Order::BaselineFirst].map(move |order| async move {
+            let (first, second) = match order {
+                Order::PolicyFirst => (&policy[i], &baseline[i]),
+                Order::BaselineFirst => (&baseline[i], &policy[i]),
+            };
+            let out = judge
+                .compare(Comparison { prompt: &t.prompt, criteria: t.criteria.as_deref(), first, second })
+                .await;
+            progress.inc(1);
+            (i, order, out)
+        })
+    }))
+    .await;
+    progress.finish();
+
+    // Combined like reward position `both`, with the policy as the "response".
+    let cfg = RewardConfig { position: Position::Both, ..reward_cfg.clone() };
+    let mut per_task: Vec<Vec<JudgeCall>> = tasks.iter().map(|_| Vec::new()).collect();
+    let mut records = Vec::with_capacity(calls.len());
+    for (i, order, out) in calls {
+        records.push(record(&tasks[i], order, &out, &policy[i], &baseline[i]));
+        let outcome = match &out.judgement {
+            Judgement::Scored { verdict, .. } => Some(outcome(preferred(*verdict, order))),
+            Judgement::Unscored { .. } => None,
+        };
+        per_task[i].push(JudgeCall { response_first: order == Order::PolicyFirst, output: out, outcome });
+    }
+    let mut all = (RewardStats::default(), 0.0);
+    let mut by_domain: BTreeMap<String, (RewardStats, f64)> = BTreeMap::new();
+    for (t, calls) in tasks.iter().zip(per_task) {
+        let r = reward::combine(&cfg, calls);
+        let value = r.reward.unwrap_or(0.0);
+        for slot in [&mut all, by_domain.entry(domain_of(t)).or_default()] {
+            slot.0.add(&r);
+            slot.1 += value;
+        }
+    }
+    let domains = by_domain.iter().map(|(d, (s, v))| (d.clone(), Tally::from_stats(s, *v))).collect();
+    (records, Tally::from_stats(&all.0, all.1), domains)
+}
+
+fn record(t: &Task, order: Order, out: &JudgeOutput, policy: &str, baseline: &str) -> JudgementRecord {
+    let (verdict, probs, reason) = match &out.judgement {
+        Judgement::Scored { verdict, probs } => (Some(*verdict), *probs, None),
+        Judgement::Unscored { reason } => (None, None, Some(reason.clone())),
+    };
+    JudgementRecord {
+        task_id: t.id.clone(),
+        domain: domain_of(t),
+        order,
+        verdict,
+        preferred: verdict.map(|v| preferred(v, order)),
+        unscored_reason: reason,
+        probs,
+        raw: out.raw.clone(),
+        latency_ms: out.latency_ms,
+        retries: out.retries,
+        policy_answer: policy.to_string(),
+        baseline_answer: baseline.to_string(),
+    }
+}
+
+/// The model section for an evaluated directory: the config's dtype, HF format.
+pub fn model_config(dir: &Path, like: &ModelConfig) -> ModelConfig {
+    ModelConfig { path: dir.to_path_buf(), format: ModelFormat::Safetensors, dtype: like.dtype }
+}
+
+pub fn write_judgements(path: &Path, records: &[JudgementRecord]) -> Result<()> {
+    crate::fsutil::atomic_write_with(path, |w| {
+        for r in records {
+            serde_json::to_writer(&mut *w, r)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
+}
+
+/// A plain-text table: one row for all tasks, one per domain.
+pub fn table(s: &Summary) -> String {
+    let mut out = format!(
+        "{:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>8} {:>16} {:>7} {:>8} {:>6}\n",
+        "domain", "pairs", "win", "tie", "loss", "unsc.", "win rate", "95% CI", "reward", "consist.", "first"
+    );
+    let row = |name: &str, t: &Tally| {
+        let ci = t.ci95.map(|(l, h)| format!("[{l:.3}, {h:.3}]")).unwrap_or_else(|| "-".into());
+        let name: String = name.chars().take(24).collect();
+        format!(
+            "{:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>8} {:>16} {:>7} {:>8} {:>6}\n",
+            name,
+            t.pairs,
+            t.wins,
+            t.ties,
+            t.losses,
+            t.unscored,
+            opt(t.win_rate),
+            ci,
+            opt(t.mean_reward),
+            opt(t.position_consistency),
+            opt(t.first_position_rate)
+        )
+    };
+    out.push_str(&row("all", &s.overall));
+    for (d, t) in &s.domains {
+        out.push_str(&row(d, t));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: (f64, f64), b: (f64, f64)) -> bool {
+        (a.0 - b.0).abs() < 5e-5 && (a.1 - b.1).abs() < 5e-5
+    }
+
+    #[test]
+    fn wilson_matches_known_values() {
+        // Published values (e.g. Newcombe 1998; any Wilson calculator), z = 1.96.
+        assert!(close(wilson(8.0, 10.0, 1.96).unwrap(), (0.4902, 0.9433)), "{:?}", wilson(8.0, 10.0, 1.96));
+        assert!(close(wilson(0.0, 10.0, 1.96).unwrap(), (0.0, 0.2775)), "{:?}", wilson(0.0, 10.0, 1.96));
+        assert!(close(wilson(10.0, 10.0, 1.96).unwrap(), (0.7225, 1.0)), "{:?}", wilson(10.0, 10.0, 1.96));
+        assert!(close(wilson(50.0, 100.0, 1.96).unwrap(), (0.4038, 0.5962)), "{:?}", wilson(50.0, 100.0, 1.96));
+        assert!(close(wilson(1.0, 2.0, 1.96).unwrap(), (0.0945, 0.9055)), "{:?}", wilson(1.0, 2.0, 1.96));
+        assert_eq!(wilson(0.0, 0.0, Z95), None);
+        // Symmetry: k/n and (n-k)/n mirror each other.
+        let (l, h) = wilson(3.5, 9.0, Z95).unwrap();
+        let (l2, h2) = wilson(5.5, 9.0, Z95).unwrap();
+        assert!((l - (1.0 - h2)).abs() < 1e-12 && (h - (1.0 - l2)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn orders_map_to_the_policy() {
+        assert_eq!(preferred(Verdict::First, Order::PolicyFirst), Preferred::Policy);
+        assert_eq!(preferred(Verdict::First, Order::BaselineFirst), Preferred::Baseline);
+        assert_eq!(preferred(Verdict::Second, Order::BaselineFirst), Preferred::Policy);
+        assert_eq!(preferred(Verdict::Tie, Order::PolicyFirst), Preferred::Tie);
+    }
+
+    #[test]
+    fn resolve_model_wants_an_hf_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", resolve_model(&tmp.path().join("nope")).unwrap_err());
+        assert!(e.contains("does not exist"), "{e}");
+        let e = format!("{:#}", resolve_model(tmp.path()).unwrap_err());
+        assert!(e.contains("no config.json"), "{e}");
+        std::fs::write(tmp.path().join("config.json"), "{}").unwrap();
+        assert_eq!(resolve_model(tmp.path()).unwrap(), tmp.path());
+        let e = format!("{:#}", resolve_model(&tmp.path().join("config.json")).unwrap_err());
+        assert!(e.contains("not a directory"), "{e}");
+    }
+}
