@@ -26,17 +26,40 @@ use crate::reward::{self, JudgeCall, Outcome, Position, RewardConfig, RewardStat
 /// z for a two-sided 95% interval.
 pub const Z95: f64 = 1.959_963_984_540_054;
 
-/// The model directory an `eval` argument names. Today: an HF model directory (config.json,
-/// tokenizer, safetensors). The one place to teach it run checkpoints.
-pub fn resolve_model(arg: &Path) -> Result<PathBuf> {
+/// The model directory an `eval` argument names: an HF model directory, a run directory (its
+/// newest complete checkpoint) or a checkpoint directory. Checkpoints are exported as merged HF
+/// directories under `scratch` first.
+pub fn resolve_model(arg: &Path, scratch: &Path) -> Result<PathBuf> {
     if !arg.exists() {
         bail!("model {} does not exist", arg.display());
     }
     if !arg.is_dir() {
         bail!("model {} is not a directory (expected an HF model directory with config.json)", arg.display());
     }
+    let checkpoint = if arg.join("checkpoints").is_dir() {
+        let (found, warnings) = crate::checkpoint::Checkpoints::open(arg.join("checkpoints"))?.latest_valid()?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        Some(found.with_context(|| format!("run {} has no complete checkpoint", arg.display()))?.0)
+    } else if arg.join(crate::checkpoint::MANIFEST).is_file() {
+        Some(arg.to_path_buf())
+    } else {
+        None
+    };
+    if let Some(ckpt) = checkpoint {
+        let name = format!(
+            "{}-{}",
+            ckpt.parent().and_then(|p| p.parent()).and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            ckpt.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+        );
+        let out = scratch.join(name);
+        crate::trainer::export_checkpoint(&ckpt, &out)?;
+        eprintln!("exported checkpoint {} as {}", ckpt.display(), out.display());
+        return Ok(out);
+    }
     if !arg.join("config.json").is_file() {
-        bail!("model {} has no config.json (expected an HF model directory)", arg.display());
+        bail!("model {} has no config.json (expected an HF model directory, a run directory or a checkpoint)", arg.display());
     }
     Ok(arg.to_path_buf())
 }
@@ -368,13 +391,14 @@ mod tests {
     #[test]
     fn resolve_model_wants_an_hf_directory() {
         let tmp = tempfile::tempdir().unwrap();
-        let e = format!("{:#}", resolve_model(&tmp.path().join("nope")).unwrap_err());
+        let scratch = tmp.path().join("scratch");
+        let e = format!("{:#}", resolve_model(&tmp.path().join("nope"), &scratch).unwrap_err());
         assert!(e.contains("does not exist"), "{e}");
-        let e = format!("{:#}", resolve_model(tmp.path()).unwrap_err());
+        let e = format!("{:#}", resolve_model(tmp.path(), &scratch).unwrap_err());
         assert!(e.contains("no config.json"), "{e}");
         std::fs::write(tmp.path().join("config.json"), "{}").unwrap();
-        assert_eq!(resolve_model(tmp.path()).unwrap(), tmp.path());
-        let e = format!("{:#}", resolve_model(&tmp.path().join("config.json")).unwrap_err());
+        assert_eq!(resolve_model(tmp.path(), &scratch).unwrap(), tmp.path());
+        let e = format!("{:#}", resolve_model(&tmp.path().join("config.json"), &scratch).unwrap_err());
         assert!(e.contains("not a directory"), "{e}");
     }
 }

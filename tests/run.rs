@@ -188,6 +188,17 @@ async fn it_learns_what_the_judge_rewards_and_the_ladders_move() {
     assert!(ck.join("step-000005/manifest.json").is_file());
     let exports: Vec<_> = std::fs::read_dir(run_dir.join("policy")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(exports.len(), 1, "{exports:?}");
+
+    // `report` on this run's own metrics: every plot is a non-trivial PNG and the summary
+    // carries the run's numbers.
+    let report = orchestrator::report::run(&run_dir, None).unwrap();
+    for (file, _) in orchestrator::report::PLOTS {
+        let bytes = std::fs::read(report.join(file)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{file} is not a PNG");
+        assert!(bytes.len() > 20_000, "{file} is only {} bytes", bytes.len());
+    }
+    let md = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(md.contains("10") && md.contains("reward"), "{md}");
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -567,12 +578,18 @@ async fn lora_sync_writes_only_the_adapted_weights_and_the_engine_serves_them() 
     assert!(second >= shard && second < shard + 200_000, "a sync writes the adapted projections (+ config): {second} vs {shard}");
     assert!(first > second, "the frozen weights are written once, at the first sync");
 
-    // The engine on the split export serves exactly the learner's merged weights.
+    // The engine on the split export serves exactly the learner's merged weights, which is also
+    // what `eval` gets when it is handed the run directory (its newest checkpoint, exported).
     let cfg = orchestrator::config::Config::load(&config).unwrap();
-    let mut learner = orchestrator::learner::Learner::new(&cfg.learner, &s.model, cfg.run.seed).unwrap();
-    learner.load(&dir.join("checkpoints/step-000002/learner")).unwrap();
-    let full = s.path("full-export");
-    learner.export(&full).unwrap();
+    let full = orchestrator::eval::resolve_model(&dir, &s.path("eval-models")).unwrap();
+    assert_eq!(full, s.path("eval-models/lora-step-000002"));
+    let merged = orchestrator::learner::model::read_all(&full.join("model.safetensors")).unwrap();
+    assert_eq!(merged.len(), base.len());
+    for (n, t) in &trained {
+        assert!(t.equal(&merged[n]), "{n}: the split export and the checkpoint's merged export differ");
+    }
+    let e = format!("{:#}", orchestrator::eval::resolve_model(&s.path("runs"), &s.path("eval-models")).unwrap_err());
+    assert!(e.contains("no config.json"), "{e}");
     let greedy = |path: PathBuf| {
         let mut model = cfg.model.clone();
         model.path = path;

@@ -37,8 +37,9 @@ pub struct EvalArgs {
 
 pub async fn run(args: EvalArgs) -> Result<()> {
     let cfg = Config::load(&args.config)?;
-    let policy_dir = eval::resolve_model(&args.policy)?;
-    let baseline_dir = eval::resolve_model(&args.baseline)?;
+    let scratch = args.out.join("models");
+    let policy_dir = eval::resolve_model(&args.policy, &scratch)?;
+    let baseline_dir = eval::resolve_model(&args.baseline, &scratch)?;
     let Some(tasks_path) = args.tasks.clone().or_else(|| cfg.data.eval_tasks.clone()) else {
         bail!("no tasks: pass --tasks FILE or set data.eval_tasks in {}", args.config.display());
     };

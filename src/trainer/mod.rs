@@ -96,6 +96,22 @@ pub fn run_dir_for(opts: &RunOptions, cfg: &Config) -> PathBuf {
     cfg.run.root.join(name)
 }
 
+/// Writes the policy of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`) as an
+/// HF model directory with merged weights at `out`, for `eval` or serving elsewhere.
+pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
+    Checkpoints::verify(ckpt)?;
+    let run = ckpt
+        .parent()
+        .and_then(|p| p.parent())
+        .with_context(|| format!("{}: not inside a run directory", ckpt.display()))?;
+    let cfg_path = run.join(crate::rundir::CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    let mut learner = Learner::new(&cfg.learner, &cfg.model.path, cfg.run.seed)?;
+    learner.load(&ckpt.join(LEARNER_DIR))?;
+    learner.export(out)
+}
+
 /// The chat messages of a task's prompt.
 pub fn task_messages(task: &Task) -> Vec<ChatMessage> {
     let mut m = Vec::new();
@@ -579,8 +595,13 @@ impl Trainer {
     /// Waits out an open breaker (`on_judge_down = pause`) or gives up. Returns the reason to stop.
     async fn handle_judge_down(&self, step: u64, batch: &[usize], groups: &mut [Vec<Judged>]) -> Option<String> {
         let started = Instant::now();
+        let mut asked_again = false;
         loop {
             let JudgeHealth::Down { consecutive_failures, last_error, retry_in_secs } = self.judge.health() else {
+                if asked_again {
+                    // The probe closed the breaker; the calls it refused meanwhile go again.
+                    self.rejudge(step, batch, groups).await;
+                }
                 return None;
             };
             let reason = format!("judge unavailable: {consecutive_failures} consecutive failures, last: {last_error}");
@@ -592,6 +613,7 @@ impl Trainer {
             self.bars.log(format!("step {step}: {reason}; pausing {wait:.1}s before asking again"));
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
             self.rejudge(step, batch, groups).await;
+            asked_again = true;
         }
     }
 
