@@ -77,6 +77,16 @@ echo
 echo "== demo wall time by phase"
 printf '  %s\n' "${PHASES[@]}"
 echo
+"$ORCH_VENV/bin/python" - "$RUN/eval/summary.json" <<'PY'
+import json, sys
+o = json.load(open(sys.argv[1]))["overall"]
+print(f"== trained vs starting model, {o['pairs']} held-out prompts, both orders")
+print(f"  win rate {o['win_rate']:.3f} (95% Wilson {o['ci95'][0]:.3f}-{o['ci95'][1]:.3f}), "
+      f"W/T/L/unscored {o['wins']}/{o['ties']}/{o['losses']}/{o['unscored']}, mean soft reward {o['mean_reward']:.3f}")
+print(f"  position consistency {o['position_consistency']:.2f} (pairs whose two orders agree); "
+      f"the judge chose the first-read answer in {o['first_position_rate']:.0%} of calls")
+PY
+echo
 echo "run:        $RUN  (metrics.jsonl, samples/, checkpoints/)"
 echo "evaluation: $RUN/eval/summary.json, $RUN/eval/judgements.jsonl"
 echo "plots:      $RUN/report/*.png, $RUN/report/summary.md"

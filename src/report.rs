@@ -165,6 +165,11 @@ fn y_range(all: &[&Series], floor_zero: bool) -> std::ops::Range<f64> {
 }
 
 /// Steps are integers: no "2.0".
+/// At most one tick per step, so a short run is labelled 1, 2, 3 rather than 1.2, 1.4, ...
+fn x_ticks(x: &std::ops::Range<f64>) -> usize {
+    ((x.end - x.start).round() as usize + 1).clamp(2, 10)
+}
+
 fn step_label(x: &f64) -> String {
     if (x - x.round()).abs() < 1e-9 {
         format!("{}", x.round() as i64)
@@ -187,10 +192,11 @@ fn draw_lines(area: &Area, title: &str, x: std::ops::Range<f64>, y_desc: &str, a
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d(x, y_range(&refs, floor_zero))
+        .build_cartesian_2d(x.clone(), y_range(&refs, floor_zero))
         .map_err(err)?;
     chart
         .configure_mesh()
+        .x_labels(x_ticks(&x))
         .x_desc("step")
         .x_label_formatter(&step_label)
         .y_desc(y_desc)
@@ -278,10 +284,11 @@ fn draw_stacked(area: &Area, title: &str, x: std::ops::Range<f64>, y_desc: &str,
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d(x, 0.0..(if ymax > 0.0 { ymax * 1.45 } else { 1.0 }))
+        .build_cartesian_2d(x.clone(), 0.0..(if ymax > 0.0 { ymax * 1.45 } else { 1.0 }))
         .map_err(err)?;
     chart
         .configure_mesh()
+        .x_labels(x_ticks(&x))
         .x_desc("step")
         .x_label_formatter(&step_label)
         .y_desc(y_desc)
