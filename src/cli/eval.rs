@@ -15,10 +15,11 @@ pub struct EvalArgs {
     /// Judge, reward values and engine sampling come from this config.
     #[arg(long)]
     pub config: PathBuf,
-    /// The model under test: an HF model directory.
+    /// The model under test: an HF model directory, a run directory (its newest complete
+    /// checkpoint) or a checkpoint directory; checkpoints are exported under `OUT/models/`.
     #[arg(long)]
     pub policy: PathBuf,
-    /// The model it is compared with: an HF model directory.
+    /// The model it is compared with: the same kinds as `--policy`.
     #[arg(long)]
     pub baseline: PathBuf,
     /// Task JSONL (references are not needed); default `data.eval_tasks`.
