@@ -80,11 +80,13 @@ echo
 "$ORCH_VENV/bin/python" - "$RUN/eval/summary.json" <<'PY'
 import json, sys
 o = json.load(open(sys.argv[1]))["overall"]
+f = lambda x, spec: "-" if x is None else format(x, spec)  # None when nothing was scored
+ci = o.get("ci95") or [None, None]
 print(f"== trained vs starting model, {o['pairs']} held-out prompts, both orders")
-print(f"  win rate {o['win_rate']:.3f} (95% Wilson {o['ci95'][0]:.3f}-{o['ci95'][1]:.3f}), "
-      f"W/T/L/unscored {o['wins']}/{o['ties']}/{o['losses']}/{o['unscored']}, mean soft reward {o['mean_reward']:.3f}")
-print(f"  position consistency {o['position_consistency']:.2f} (pairs whose two orders agree); "
-      f"the judge chose the first-read answer in {o['first_position_rate']:.0%} of calls")
+print(f"  win rate {f(o['win_rate'], '.3f')} (95% Wilson {f(ci[0], '.3f')}-{f(ci[1], '.3f')}), "
+      f"W/T/L/unscored {o['wins']}/{o['ties']}/{o['losses']}/{o['unscored']}, mean soft reward {f(o['mean_reward'], '.3f')}")
+print(f"  position consistency {f(o['position_consistency'], '.2f')} (pairs whose two orders agree); "
+      f"the judge chose the first-read answer in {f(o['first_position_rate'], '.0%')} of calls")
 PY
 echo
 echo "run:        $RUN  (metrics.jsonl, samples/, checkpoints/)"

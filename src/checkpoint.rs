@@ -84,6 +84,22 @@ fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Every directory under `dir` (not `dir` itself).
+fn dirs_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                out.push(p.clone());
+                stack.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub struct Checkpoints {
     dir: PathBuf,
 }
@@ -124,6 +140,10 @@ impl Checkpoints {
                 let (sha256, bytes) = sha256_file(&p)?;
                 files.insert(rel.to_string_lossy().to_string(), FileEntry { sha256, bytes });
             }
+            // Subdirectory entries too: a file's data on disk is no use if its name is not.
+            for d in dirs_under(&tmp)? {
+                sync_dir(&d)?;
+            }
             let manifest = Manifest { step, config_hash: config_hash.to_string(), files };
             atomic_write(&tmp.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
             sync_dir(&tmp)
@@ -142,8 +162,30 @@ impl Checkpoints {
         std::fs::rename(&tmp, &fin)?;
         sync_dir(&self.dir)?;
         atomic_write(&self.dir.join(LATEST), format!("{name}\n").as_bytes())?;
-        self.prune(retention)?;
+        self.prune(retention, step)?;
         Ok(fin)
+    }
+
+    /// Moves every checkpoint newer than `step` (the one a run resumes from) aside to
+    /// `abandoned-step-N`: they belong to a history that is being replaced, so neither `--resume
+    /// auto` nor pruning may count them, but nothing is deleted. Returns (from, to) pairs.
+    pub fn abandon_after(&self, step: u64) -> Result<Vec<(PathBuf, PathBuf)>> {
+        let mut moved = Vec::new();
+        for s in self.steps()?.into_iter().filter(|&s| s > step) {
+            let from = self.dir.join(step_dir_name(s));
+            let mut to = self.dir.join(format!("abandoned-{}", step_dir_name(s)));
+            let mut k = 1;
+            while to.exists() {
+                k += 1;
+                to = self.dir.join(format!("abandoned-{}-{k}", step_dir_name(s)));
+            }
+            std::fs::rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+            moved.push((from, to));
+        }
+        if !moved.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(moved)
     }
 
     /// Steps of the named checkpoint directories (complete or not), ascending.
@@ -157,11 +199,12 @@ impl Checkpoints {
         Ok(steps)
     }
 
-    fn prune(&self, r: Retention) -> Result<()> {
-        let steps = self.steps()?;
+    /// Keeps the newest `keep_last` up to and including `written` (never `written` itself).
+    fn prune(&self, r: Retention, written: u64) -> Result<()> {
+        let steps: Vec<u64> = self.steps()?.into_iter().filter(|&s| s <= written).collect();
         let keep_from = steps.len().saturating_sub(r.keep_last.max(1));
         for (i, &s) in steps.iter().enumerate() {
-            let kept = i >= keep_from || (r.keep_every > 0 && s % r.keep_every == 0);
+            let kept = i >= keep_from || s == written || (r.keep_every > 0 && s % r.keep_every == 0);
             if !kept {
                 std::fs::remove_dir_all(self.dir.join(step_dir_name(s)))?;
             }
@@ -273,6 +316,34 @@ mod tests {
         assert_eq!(c.steps().unwrap(), vec![1]);
         assert_eq!(std::fs::read_to_string(c.dir().join(LATEST)).unwrap().trim(), "step-000001");
         assert_eq!(std::fs::read_dir(c.dir()).unwrap().count(), 2, "no temporary leftovers");
+    }
+
+    #[test]
+    fn resuming_from_an_older_checkpoint_sets_the_newer_ones_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Checkpoints::open(tmp.path()).unwrap();
+        let r = Retention { keep_last: 2, keep_every: 0 };
+        for s in [8, 9, 10] {
+            save(&c, s, r);
+        }
+        assert_eq!(c.steps().unwrap(), vec![9, 10]);
+        let moved = c.abandon_after(9).unwrap();
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].1.ends_with("abandoned-step-000010"));
+        Checkpoints::verify(&moved[0].1).unwrap();
+        // The replacement history: step 10 again, then 11; the abandoned one is neither
+        // resumed from nor pruned, and the new checkpoint always survives its own pruning.
+        save(&c, 10, r);
+        save(&c, 11, r);
+        assert_eq!(c.steps().unwrap(), vec![10, 11]);
+        assert!(tmp.path().join("abandoned-step-000010").is_dir());
+        assert_eq!(c.latest_valid().unwrap().0.unwrap().1.step, 11);
+        // A stale newer checkpoint (never abandoned) does not make pruning drop the new one.
+        let stale = Checkpoints::open(tmp.path().join("stale")).unwrap();
+        save(&stale, 20, r);
+        save(&stale, 5, r);
+        save(&stale, 6, r);
+        assert_eq!(stale.steps().unwrap(), vec![5, 6, 20]);
     }
 
     #[test]

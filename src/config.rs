@@ -248,7 +248,11 @@ impl Config {
             };
             anyhow::anyhow!("{}: {key}: {}{origin}", path.display(), e.inner())
         })?;
-        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        // Absolute, so a run's saved config (and `eval` on its checkpoints) works from any
+        // working directory.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = std::path::absolute(dir).with_context(|| format!("{}: resolving its directory", path.display()))?;
+        cfg.resolve_paths(&base);
         cfg.validate_for(build)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)

@@ -48,10 +48,15 @@ pub fn resolve_model(arg: &Path, scratch: &Path) -> Result<PathBuf> {
         None
     };
     if let Some(ckpt) = checkpoint {
+        let ckpt = ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
+        // Two runs with the same directory name (and step) must not share an export.
+        use sha2::Digest;
+        let tag = format!("{:x}", sha2::Sha256::digest(ckpt.to_string_lossy().as_bytes()));
         let name = format!(
-            "{}-{}",
+            "{}-{}-{}",
             ckpt.parent().and_then(|p| p.parent()).and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
-            ckpt.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+            ckpt.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            &tag[..8]
         );
         let out = scratch.join(name);
         crate::trainer::export_checkpoint(&ckpt, &out)?;

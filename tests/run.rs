@@ -443,6 +443,60 @@ async fn pause_mode_waits_for_the_judge_and_rejudges() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_paused_for_the_judge_checkpoints_and_resume_path_starts_a_new_history() {
+    let s = Setup::new(4);
+    let count = Arc::new(AtomicUsize::new(0));
+    let recovered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, up) = (count.clone(), recovered.clone());
+    let judge = more_a_judge();
+    // Up for the first 3 steps (2 x 2 rollouts each), then down until `recovered`.
+    let server = ScriptedServer::start(Behavior::rule(move |_| {
+        if c.fetch_add(1, Ordering::SeqCst) < 12 || up.load(Ordering::SeqCst) {
+            judge.clone()
+        } else {
+            Behavior::unavailable(None)
+        }
+    }))
+    .await
+    .unwrap();
+    let run = "steps = 6\nbatch_prompts = 2\nn_samples = 2\nsave_every = 1\nkeep_last = 5\non_judge_down = \"pause\"\njudge_down_max_wait_secs = 600";
+    let config = s.config("paused", &server.base_url(), run, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("breaker_failures = 0", "breaker_failures = 2\nbreaker_cooldown_secs = 5");
+    std::fs::write(&config, text).unwrap();
+    let dir = s.path("runs/paused");
+    let child = spawn(&config, &dir, &[], &[]);
+    let t0 = Instant::now();
+    while !child.stderr().contains("pausing") {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{}", child.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = child.child.id().unwrap() as i32;
+    let t_signal = Instant::now();
+    assert_eq!(unsafe_kill(pid, 15), 0);
+    let (code, out, err) = child.wait().await;
+    assert_eq!(code, 0, "{err}");
+    assert!(t_signal.elapsed() < Duration::from_secs(20), "the pause ignored SIGTERM for {:?}", t_signal.elapsed());
+    assert!(out.contains("Resume with"), "{out}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2, 3], "the paused step is dropped, not trained on");
+    assert_eq!(std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap().trim(), "step-000003");
+
+    // Resuming from step 1 replaces steps 2-3: their checkpoints are set aside, not resumed
+    // from later and not counted by pruning; metrics restart after step 1.
+    recovered.store(true, Ordering::SeqCst);
+    let older = dir.join("checkpoints/step-000001");
+    let (code, _, err) = run_to_end(&config, &dir, &["--resume", older.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("newer than the resume point"), "{err}");
+    for st in [2, 3] {
+        assert!(dir.join(format!("checkpoints/abandoned-step-{st:06}/manifest.json")).is_file());
+    }
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), (1..=6).collect::<Vec<_>>());
+    assert_eq!(std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap().trim(), "step-000006");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_never_reaches_the_run_directory_or_logs() {
     let s = Setup::new(4);
     let server = ScriptedServer::start(more_a_judge()).await.unwrap();
@@ -531,6 +585,20 @@ async fn operator_errors_fail_fast_and_sigint_checkpoints() {
     assert!(out.contains("run complete"), "{out}");
 }
 
+/// `path` relative to `base` (both absolute), with `..` steps.
+fn pathdiff(path: &Path, base: &Path) -> PathBuf {
+    let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c);
+    }
+    out
+}
+
 fn unsafe_kill(pid: i32, sig: i32) -> i32 {
     std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| if s.success() { 0 } else { 1 }).unwrap_or(1)
 }
@@ -582,7 +650,12 @@ async fn lora_sync_writes_only_the_adapted_weights_and_the_engine_serves_them() 
     // what `eval` gets when it is handed the run directory (its newest checkpoint, exported).
     let cfg = orchestrator::config::Config::load(&config).unwrap();
     let full = orchestrator::eval::resolve_model(&dir, &s.path("eval-models")).unwrap();
-    assert_eq!(full, s.path("eval-models/lora-step-000002"));
+    assert_eq!(full.parent().unwrap(), s.path("eval-models"));
+    assert!(full.file_name().unwrap().to_string_lossy().starts_with("lora-step-000002-"), "{}", full.display());
+    // The checkpoint directory itself, named relative to the working directory, resolves alike.
+    let ckpt = dir.join("checkpoints/step-000002");
+    let rel = pathdiff(&ckpt, &std::env::current_dir().unwrap());
+    assert_eq!(orchestrator::eval::resolve_model(&rel, &s.path("eval-models")).unwrap(), full);
     let merged = orchestrator::learner::model::read_all(&full.join("model.safetensors")).unwrap();
     assert_eq!(merged.len(), base.len());
     for (n, t) in &trained {

@@ -100,6 +100,7 @@ pub fn run_dir_for(opts: &RunOptions, cfg: &Config) -> PathBuf {
 /// HF model directory with merged weights at `out`, for `eval` or serving elsewhere.
 pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
     Checkpoints::verify(ckpt)?;
+    let ckpt = &ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
     let run = ckpt
         .parent()
         .and_then(|p| p.parent())
@@ -393,6 +394,16 @@ impl Trainer {
     /// After a crash: the checkpoint's own metrics line if the crash lost it, and no samples of
     /// steps that are about to run again.
     fn repair_after_resume(&mut self, record: Option<StepRecord>) -> Result<()> {
+        // Resuming from an older checkpoint (`--resume PATH`, or newer ones that failed to
+        // verify) starts a new history from it: the newer checkpoints are set aside.
+        for (from, to) in self.checkpoints.abandon_after(self.step)? {
+            self.bars.log(format!(
+                "checkpoint {} is newer than the resume point (step {}): moved to {}",
+                from.display(),
+                self.step,
+                to.display()
+            ));
+        }
         let have_last = crate::metrics::read_jsonl(self.metrics.path())?
             .last()
             .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
@@ -592,8 +603,9 @@ impl Trainer {
         }
     }
 
-    /// Waits out an open breaker (`on_judge_down = pause`) or gives up. Returns the reason to stop.
-    async fn handle_judge_down(&self, step: u64, batch: &[usize], groups: &mut [Vec<Judged>]) -> Option<String> {
+    /// Waits out an open breaker (`on_judge_down = pause`) or gives up. A stop signal ends the
+    /// wait at once: the step is abandoned like one interrupted mid-generation.
+    async fn handle_judge_down(&self, step: u64, batch: &[usize], groups: &mut [Vec<Judged>]) -> JudgeDown {
         let started = Instant::now();
         let mut asked_again = false;
         loop {
@@ -602,16 +614,26 @@ impl Trainer {
                     // The probe closed the breaker; the calls it refused meanwhile go again.
                     self.rejudge(step, batch, groups).await;
                 }
-                return None;
+                return JudgeDown::Recovered;
             };
             let reason = format!("judge unavailable: {consecutive_failures} consecutive failures, last: {last_error}");
             let waited = started.elapsed().as_secs_f64();
             if self.cfg.run.on_judge_down == OnJudgeDown::Stop || waited >= self.cfg.run.judge_down_max_wait_secs {
-                return Some(reason);
+                return JudgeDown::GiveUp(reason);
+            }
+            if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return JudgeDown::Interrupted;
             }
             let wait = retry_in_secs.clamp(0.2, 30.0).min(self.cfg.run.judge_down_max_wait_secs - waited + 0.01);
             self.bars.log(format!("step {step}: {reason}; pausing {wait:.1}s before asking again"));
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            let notify = self.stop_notify.clone();
+            let interrupted = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs_f64(wait)) => false,
+                _ = notify.notified() => true,
+            };
+            if interrupted || self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return JudgeDown::Interrupted;
+            }
             self.rejudge(step, batch, groups).await;
             asked_again = true;
         }
@@ -637,10 +659,17 @@ impl Trainer {
         };
         if matches!(self.judge.health(), JudgeHealth::Down { .. }) {
             let t = Instant::now();
-            if let Some(reason) = self.handle_judge_down(step, &batch, &mut groups).await {
-                self.sampler = before;
-                self.bars.log(format!("step {step}: {reason}; stopping (the step is dropped, nothing was trained on it)"));
-                return Ok(StepEnd::JudgeDown(reason));
+            match self.handle_judge_down(step, &batch, &mut groups).await {
+                JudgeDown::Recovered => {}
+                JudgeDown::GiveUp(reason) => {
+                    self.sampler = before;
+                    self.bars.log(format!("step {step}: {reason}; stopping (the step is dropped, nothing was trained on it)"));
+                    return Ok(StepEnd::JudgeDown(reason));
+                }
+                JudgeDown::Interrupted => {
+                    self.sampler = before;
+                    return Ok(StepEnd::Interrupted);
+                }
             }
             t_judge_tail += t.elapsed().as_secs_f64();
         }
@@ -816,4 +845,11 @@ enum StepEnd {
     Done,
     Interrupted,
     JudgeDown(String),
+}
+
+/// How waiting out an open breaker ended.
+enum JudgeDown {
+    Recovered,
+    GiveUp(String),
+    Interrupted,
 }
