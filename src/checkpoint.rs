@@ -66,38 +66,24 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     Ok((format!("{:x}", h.finalize()), n))
 }
 
-/// Relative paths of every regular file under `dir`, sorted.
-fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+/// Everything under `dir`: the relative paths of its regular files, sorted, and its
+/// subdirectories (absolute, `dir` itself not included).
+fn walk(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let p = e?.path();
             if p.is_dir() {
+                dirs.push(p.clone());
                 stack.push(p);
             } else {
-                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+                files.push(p.strip_prefix(dir).unwrap().to_path_buf());
             }
         }
     }
-    out.sort();
-    Ok(out)
-}
-
-/// Every directory under `dir` (not `dir` itself).
-fn dirs_under(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                out.push(p.clone());
-                stack.push(p);
-            }
-        }
-    }
-    Ok(out)
+    files.sort();
+    Ok((files, dirs))
 }
 
 pub struct Checkpoints {
@@ -133,15 +119,16 @@ impl Checkpoints {
         std::fs::create_dir_all(&tmp)?;
         let built = (|| -> Result<()> {
             fill(&tmp)?;
+            let (written, subdirs) = walk(&tmp)?;
             let mut files = BTreeMap::new();
-            for rel in files_under(&tmp)? {
+            for rel in written {
                 let p = tmp.join(&rel);
                 std::fs::File::open(&p)?.sync_all()?;
                 let (sha256, bytes) = sha256_file(&p)?;
                 files.insert(rel.to_string_lossy().to_string(), FileEntry { sha256, bytes });
             }
             // Subdirectory entries too: a file's data on disk is no use if its name is not.
-            for d in dirs_under(&tmp)? {
+            for d in subdirs {
                 sync_dir(&d)?;
             }
             let manifest = Manifest { step, config_hash: config_hash.to_string(), files };

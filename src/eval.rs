@@ -43,6 +43,7 @@ pub fn resolve_model(arg: &Path, scratch: &Path) -> Result<PathBuf> {
         }
         Some(found.with_context(|| format!("run {} has no complete checkpoint", arg.display()))?.0)
     } else if arg.join(crate::checkpoint::MANIFEST).is_file() {
+        crate::checkpoint::Checkpoints::verify(arg)?;
         Some(arg.to_path_buf())
     } else {
         None

@@ -164,12 +164,12 @@ fn y_range(all: &[&Series], floor_zero: bool) -> std::ops::Range<f64> {
     lo..hi
 }
 
-/// Steps are integers: no "2.0".
 /// At most one tick per step, so a short run is labelled 1, 2, 3 rather than 1.2, 1.4, ...
 fn x_ticks(x: &std::ops::Range<f64>) -> usize {
     ((x.end - x.start).round() as usize + 1).clamp(2, 10)
 }
 
+/// Steps are integers: no "2.0".
 fn step_label(x: &f64) -> String {
     if (x - x.round()).abs() < 1e-9 {
         format!("{}", x.round() as i64)
