@@ -12,6 +12,7 @@
 //! a run resumed from a checkpoint repeats the uninterrupted run's steps exactly on CPU.
 
 pub mod bench;
+pub mod prepare;
 pub mod record;
 pub mod state;
 pub mod sync;
@@ -21,14 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::checkpoint::{Checkpoints, Retention};
 use crate::config::{Config, OnJudgeDown};
 use crate::curriculum::{self, Curriculum};
-use crate::data::{read_tasks, References, Task, TaskSampler};
+use crate::data::{Task, TaskSampler};
 use crate::engine::{ChatMessage, Engine, FinishReason, GenRequest, MistralEngine, Role, Rollout, SeedKey};
 use crate::engine::sampler::splitmix64;
 use crate::judge::{Judge, JudgeHealth};
@@ -42,36 +43,7 @@ use record::{mean_std, samples_file, SampleRecord, StepRecord};
 use state::{TrainerState, LEARNER_DIR, POLICY_DIR};
 use sync::Served;
 
-/// Where a run starts from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resume {
-    /// The newest complete checkpoint of the run directory, if any.
-    Auto,
-    /// A fresh run; refused if the run directory already holds checkpoints or metrics.
-    Never,
-    /// This checkpoint directory.
-    Path(PathBuf),
-}
-
-impl std::str::FromStr for Resume {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "auto" => Resume::Auto,
-            "never" => Resume::Never,
-            p => Resume::Path(PathBuf::from(p)),
-        })
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    pub config: PathBuf,
-    pub run_dir: Option<PathBuf>,
-    pub resume: Resume,
-    /// Config keys (or prefixes) allowed to differ from the run's saved config on resume.
-    pub allow_config_change: Vec<String>,
-}
+pub use prepare::{export_checkpoint, prepare, run_dir_for, Prepared, Resume, RunOptions};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,36 +53,6 @@ pub enum Ended {
     Interrupted { step: u64, run_dir: PathBuf },
     /// The judge's breaker stayed open: checkpointed at `step` (the step in progress was dropped).
     JudgeDown { step: u64, run_dir: PathBuf, reason: String },
-}
-
-/// The run directory `opts` and `cfg` name.
-pub fn run_dir_for(opts: &RunOptions, cfg: &Config) -> PathBuf {
-    if let Some(d) = &opts.run_dir {
-        return d.clone();
-    }
-    let name = if cfg.run.name.is_empty() {
-        opts.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into())
-    } else {
-        cfg.run.name.clone()
-    };
-    cfg.run.root.join(name)
-}
-
-/// Writes the policy of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`) as an
-/// HF model directory with merged weights at `out`, for `eval` or serving elsewhere.
-pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
-    Checkpoints::verify(ckpt)?;
-    let ckpt = &ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
-    let run = ckpt
-        .parent()
-        .and_then(|p| p.parent())
-        .with_context(|| format!("{}: not inside a run directory", ckpt.display()))?;
-    let cfg_path = run.join(crate::rundir::CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
-    let mut learner = Learner::new(&cfg.learner, &cfg.model.path, cfg.run.seed)?;
-    learner.load(&ckpt.join(LEARNER_DIR))?;
-    learner.export(out)
 }
 
 /// The chat messages of a task's prompt.
@@ -163,70 +105,6 @@ fn install_signals(stop: Arc<AtomicBool>, notify: Arc<tokio::sync::Notify>) {
             });
         }
     }
-}
-
-/// Everything read and checked before any model is loaded.
-pub struct Prepared {
-    pub cfg: Config,
-    pub tasks: Vec<Task>,
-    pub run: RunDir,
-    pub checkpoint: Option<PathBuf>,
-    pub warnings: Vec<String>,
-}
-
-/// Loads the config and tasks, opens the run directory (config diff on resume) and finds the
-/// checkpoint to resume from. No model is touched, so every mistake here fails fast.
-pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
-    let cfg = Config::load(&opts.config)?;
-    let tasks_path = cfg
-        .data
-        .tasks
-        .clone()
-        .with_context(|| format!("{}: data.tasks: `orchestrator run` needs a task file", opts.config.display()))?;
-    let tasks = read_tasks(&tasks_path, References::Required)?;
-    Curriculum::new(&cfg.curriculum, &tasks)?;
-    if cfg.judge.kind == crate::judge::JudgeKind::Openai && !cfg.judge.openai.api_key_env.is_empty() {
-        let var = &cfg.judge.openai.api_key_env;
-        if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {
-            bail!(
-                "{}: judge.openai.api_key_env: the environment variable {var} is not set (export it, or set \
-                 api_key_env = \"\" for an endpoint without a key)",
-                opts.config.display()
-            );
-        }
-    }
-    let root = run_dir_for(opts, &cfg);
-    let ckpts_dir = root.join("checkpoints");
-    let mut warnings = Vec::new();
-    let checkpoint = match &opts.resume {
-        Resume::Never => {
-            let has_ckpt = ckpts_dir.is_dir() && !Checkpoints::open(&ckpts_dir)?.steps()?.is_empty();
-            let has_metrics = std::fs::metadata(root.join("metrics.jsonl")).map(|m| m.len() > 0).unwrap_or(false);
-            if has_ckpt || has_metrics {
-                bail!(
-                    "--resume never: {} already holds a run (checkpoints or metrics); choose another --run-dir \
-                     or resume it with --resume auto",
-                    root.display()
-                );
-            }
-            None
-        }
-        Resume::Auto => {
-            if ckpts_dir.is_dir() {
-                let (found, warns) = Checkpoints::open(&ckpts_dir)?.latest_valid()?;
-                warnings.extend(warns);
-                found.map(|(d, _)| d)
-            } else {
-                None
-            }
-        }
-        Resume::Path(p) => {
-            Checkpoints::verify(p).with_context(|| format!("--resume {}", p.display()))?;
-            Some(p.clone())
-        }
-    };
-    let run = RunDir::open(&root, &cfg, &opts.allow_config_change)?;
-    Ok(Prepared { cfg, tasks, run, checkpoint, warnings })
 }
 
 /// Per-step counts shown on the bars.
@@ -621,7 +499,7 @@ impl Trainer {
             if self.cfg.run.on_judge_down == OnJudgeDown::Stop || waited >= self.cfg.run.judge_down_max_wait_secs {
                 return JudgeDown::GiveUp(reason);
             }
-            if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.stop.load(Ordering::SeqCst) {
                 return JudgeDown::Interrupted;
             }
             let wait = retry_in_secs.clamp(0.2, 30.0).min(self.cfg.run.judge_down_max_wait_secs - waited + 0.01);
@@ -631,7 +509,7 @@ impl Trainer {
                 _ = tokio::time::sleep(Duration::from_secs_f64(wait)) => false,
                 _ = notify.notified() => true,
             };
-            if interrupted || self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if interrupted || self.stop.load(Ordering::SeqCst) {
                 return JudgeDown::Interrupted;
             }
             self.rejudge(step, batch, groups).await;
