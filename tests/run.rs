@@ -125,6 +125,33 @@ fn sha(p: &Path) -> String {
     orchestrator::checkpoint::sha256_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).0
 }
 
+/// A judge that prefers more 'a' and answers 503 to the requests (counted from 0 by the
+/// returned counter, which the test may reset) for which `down` holds.
+async fn judge_down_when(down: impl Fn(usize) -> bool + Send + Sync + 'static) -> (ScriptedServer, Arc<AtomicUsize>) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let judge = more_a_judge();
+    let server = ScriptedServer::start(Behavior::rule(move |_| {
+        if down(c.fetch_add(1, Ordering::SeqCst)) {
+            Behavior::unavailable(None)
+        } else {
+            judge.clone()
+        }
+    }))
+    .await
+    .unwrap();
+    (server, count)
+}
+
+/// Turns the test config's breaker on: open after `failures`, probe again after `cooldown_secs`.
+fn with_breaker(config: &Path, failures: u32, cooldown_secs: f64) {
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "breaker_failures = 0",
+        &format!("breaker_failures = {failures}\nbreaker_cooldown_secs = {cooldown_secs}"),
+    );
+    std::fs::write(config, text).unwrap();
+}
+
 fn samples(run_dir: &Path, step: u64) -> Vec<Value> {
     read_jsonl(&run_dir.join(format!("samples/step-{step:06}.jsonl"))).unwrap()
 }
@@ -349,19 +376,7 @@ async fn corrupt_newest_checkpoint_resumes_from_the_previous_one() {
 async fn judge_outage_leaves_rollouts_unscored_or_stops_the_run() {
     let s = Setup::new(4);
     // Requests 6..18 fail with 503: a window inside the run.
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    let judge = more_a_judge();
-    let server = ScriptedServer::start(Behavior::rule(move |_| {
-        let i = c.fetch_add(1, Ordering::SeqCst);
-        if (6..18).contains(&i) {
-            Behavior::unavailable(None)
-        } else {
-            judge.clone()
-        }
-    }))
-    .await
-    .unwrap();
+    let (server, count) = judge_down_when(|i| (6..18).contains(&i)).await;
     let run = "steps = 6\nbatch_prompts = 2\nn_samples = 2\nsave_every = 2";
     let config = s.config("outage", &server.base_url(), run, "");
     let dir = s.path("runs/outage");
@@ -392,8 +407,7 @@ async fn judge_outage_leaves_rollouts_unscored_or_stops_the_run() {
     // With a breaker, the run stops with a checkpoint and a clear message instead.
     count.store(0, Ordering::SeqCst);
     let config = s.config("breaker", &server.base_url(), run, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("breaker_failures = 0", "breaker_failures = 3\nbreaker_cooldown_secs = 30");
-    std::fs::write(&config, text).unwrap();
+    with_breaker(&config, 3, 30.0);
     let dir = s.path("runs/breaker");
     let (code, _, err) = run_to_end(&config, &dir, &[]).await;
     assert_eq!(code, 3, "{err}");
@@ -414,23 +428,10 @@ async fn judge_outage_leaves_rollouts_unscored_or_stops_the_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_mode_waits_for_the_judge_and_rejudges() {
     let s = Setup::new(4);
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    let judge = more_a_judge();
-    let server = ScriptedServer::start(Behavior::rule(move |_| {
-        let i = c.fetch_add(1, Ordering::SeqCst);
-        if (4..10).contains(&i) {
-            Behavior::unavailable(None)
-        } else {
-            judge.clone()
-        }
-    }))
-    .await
-    .unwrap();
+    let (server, _) = judge_down_when(|i| (4..10).contains(&i)).await;
     let run = "steps = 3\nbatch_prompts = 2\nn_samples = 2\non_judge_down = \"pause\"\njudge_down_max_wait_secs = 60";
     let config = s.config("pause", &server.base_url(), run, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("breaker_failures = 0", "breaker_failures = 2\nbreaker_cooldown_secs = 0.3");
-    std::fs::write(&config, text).unwrap();
+    with_breaker(&config, 2, 0.3);
     let dir = s.path("runs/pause");
     let (code, _, err) = run_to_end(&config, &dir, &[]).await;
     assert_eq!(code, 0, "{err}");
@@ -445,24 +446,13 @@ async fn pause_mode_waits_for_the_judge_and_rejudges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_paused_for_the_judge_checkpoints_and_resume_path_starts_a_new_history() {
     let s = Setup::new(4);
-    let count = Arc::new(AtomicUsize::new(0));
-    let recovered = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (c, up) = (count.clone(), recovered.clone());
-    let judge = more_a_judge();
     // Up for the first 3 steps (2 x 2 rollouts each), then down until `recovered`.
-    let server = ScriptedServer::start(Behavior::rule(move |_| {
-        if c.fetch_add(1, Ordering::SeqCst) < 12 || up.load(Ordering::SeqCst) {
-            judge.clone()
-        } else {
-            Behavior::unavailable(None)
-        }
-    }))
-    .await
-    .unwrap();
+    let recovered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let up = recovered.clone();
+    let (server, _) = judge_down_when(move |i| i >= 12 && !up.load(Ordering::SeqCst)).await;
     let run = "steps = 6\nbatch_prompts = 2\nn_samples = 2\nsave_every = 1\nkeep_last = 5\non_judge_down = \"pause\"\njudge_down_max_wait_secs = 600";
     let config = s.config("paused", &server.base_url(), run, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("breaker_failures = 0", "breaker_failures = 2\nbreaker_cooldown_secs = 5");
-    std::fs::write(&config, text).unwrap();
+    with_breaker(&config, 2, 5.0);
     let dir = s.path("runs/paused");
     let child = spawn(&config, &dir, &[], &[]);
     let t0 = Instant::now();
