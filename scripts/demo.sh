@@ -55,9 +55,9 @@ PY
 phase_end
 
 phase_start "ladders from the policy's own samples"
-"$ORCH_BIN" generate --config "$CONFIG" --prompts "$WORK/pool.jsonl" --out "$WORK/policy-answers.jsonl" --n 1 --seed 101 --source policy
-"$ORCH_BIN" generate --config "$CONFIG" --prompts "$WORK/pool.jsonl" --out "$WORK/candidates.jsonl" --n 2 --seed 202 --source candidates
-"$ORCH_BIN" select --config "$CONFIG" --tasks "$WORK/pool.jsonl" --policy "$WORK/policy-answers.jsonl" \
+"$ORCH_BIN" generate "$CONFIG" --prompts "$WORK/pool.jsonl" --out "$WORK/policy-answers.jsonl" --n 1 --seed 101 --source policy
+"$ORCH_BIN" generate "$CONFIG" --prompts "$WORK/pool.jsonl" --out "$WORK/candidates.jsonl" --n 2 --seed 202 --source candidates
+"$ORCH_BIN" select "$CONFIG" --tasks "$WORK/pool.jsonl" --policy "$WORK/policy-answers.jsonl" \
   --candidates "$WORK/candidates.jsonl" --out "$WORK/train.jsonl" --top-k 8 --keep-weaker
 phase_end
 
@@ -66,7 +66,7 @@ ORCHESTRATOR__DATA__TASKS="$WORK/train.jsonl" "$ORCH_BIN" run "$CONFIG" --run-di
 phase_end
 
 phase_start "eval: trained vs starting model"
-"$ORCH_BIN" eval --config "$CONFIG" --policy "$RUN" --baseline "$MODEL" --tasks "$WORK/eval.jsonl" --out "$RUN/eval"
+"$ORCH_BIN" eval "$CONFIG" --policy "$RUN" --baseline "$MODEL" --tasks "$WORK/eval.jsonl" --out "$RUN/eval"
 phase_end
 
 phase_start "report"

@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
+// Leaves re-exported under their old paths; modules import them from their own homes.
+pub use crate::model::{DType, ModelConfig, ModelFormat};
+pub use crate::validate::Problems;
 
 /// Environment prefix for overrides: `ORCHESTRATOR__ENGINE__SAMPLING__TOP_P=0.9`.
 pub const ENV_PREFIX: &str = "ORCHESTRATOR";
@@ -35,38 +38,6 @@ pub struct Config {
     pub selection: crate::selection::SelectionConfig,
     #[serde(default)]
     pub learner: crate::learner::LearnerConfig,
-}
-
-/// The policy model: an HF directory (config.json, tokenizer.json, safetensors) or a GGUF file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub format: ModelFormat,
-    #[serde(default)]
-    pub dtype: DType,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelFormat {
-    /// `.gguf` file -> gguf, otherwise an HF safetensors directory.
-    #[default]
-    Auto,
-    Safetensors,
-    Gguf,
-}
-
-/// Compute dtype. There is no `auto`: mistral.rs picks BF16 on CPU (slow) and, in a CUDA build,
-/// shells out to nvidia-smi to decide, so we always say what we want.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DType {
-    #[default]
-    F32,
-    Bf16,
-    F16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,10 +118,21 @@ impl RunConfig {
                 p.push(&format!("{key}.{name}"), "must be >= 1, got 0");
             }
         }
-        p.at_least(&format!("{key}.judge_down_max_wait_secs"), self.judge_down_max_wait_secs, 0.0);
+        p.seconds(&format!("{key}.judge_down_max_wait_secs"), self.judge_down_max_wait_secs, 0.0);
         if self.name.contains('/') || self.name == ".." || self.name == "." {
             p.push(&format!("{key}.name"), format!("must be a plain directory name, got {:?}", self.name));
         }
+    }
+}
+
+/// Key paths of every non-finite float under `v`.
+fn non_finite_keys(v: &toml::Value, at: &str, out: &mut Vec<String>) {
+    let join = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => out.push(format!("{at} = {f}")),
+        toml::Value::Table(t) => t.iter().for_each(|(k, v)| non_finite_keys(v, &join(k), out)),
+        toml::Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| non_finite_keys(v, &format!("{at}[{i}]"), out)),
+        _ => {}
     }
 }
 
@@ -160,32 +142,6 @@ impl RunConfig {
 pub enum Build {
     This,
     Cuda,
-}
-
-/// Collects range errors as `key.path: message` lines.
-#[derive(Default)]
-pub struct Problems(pub Vec<String>);
-
-impl Problems {
-    pub fn push(&mut self, key: &str, msg: impl std::fmt::Display) {
-        self.0.push(format!("{key}: {msg}"));
-    }
-    /// Checks `lo < v <= hi`.
-    pub fn open_closed(&mut self, key: &str, v: f64, lo: f64, hi: f64) {
-        if !(v > lo && v <= hi) {
-            self.push(key, format!("must be in ({lo}, {hi}], got {v}"));
-        }
-    }
-    pub fn at_least(&mut self, key: &str, v: f64, lo: f64) {
-        if !(v >= lo) {
-            self.push(key, format!("must be >= {lo}, got {v}"));
-        }
-    }
-    pub fn positive(&mut self, key: &str, v: f64) {
-        if !(v > 0.0) {
-            self.push(key, format!("must be > 0, got {v}"));
-        }
-    }
 }
 
 impl Config {
@@ -215,7 +171,7 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
         // Syntax errors: toml reports line and column.
-        toml::from_str::<toml::Table>(&text)
+        let table = toml::from_str::<toml::Table>(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
 
         let env_map: config::Map<String, String> = env
@@ -223,6 +179,19 @@ impl Config {
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
             .collect();
         let env_keys: Vec<String> = env_map.keys().cloned().collect();
+        // `inf` and `nan` would reach the typed config as JSON nulls (JSON has no such numbers):
+        // name them here instead, from the file and from the environment.
+        let mut bad = Vec::new();
+        non_finite_keys(&toml::Value::Table(table), "", &mut bad);
+        for (k, v) in &env_map {
+            if v.trim().parse::<f64>().is_ok_and(|x| !x.is_finite()) {
+                let key = k[ENV_PREFIX.len() + 2..].to_lowercase().replace("__", ".");
+                bad.push(format!("{key} (from {k})"));
+            }
+        }
+        if !bad.is_empty() {
+            bail!("{}: {}", path.display(), bad.iter().map(|k| format!("{k}: must be a finite number")).collect::<Vec<_>>().join("\n  "));
+        }
         let built = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
             .add_source(
@@ -293,6 +262,25 @@ impl Config {
         }
     }
 
+    /// Settings that are valid but probably not what the user wants, one line each.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.run.sync_every > 1 {
+            let algo = match self.learner.algorithm {
+                crate::learner::Algorithm::Ppo => "ppo",
+                crate::learner::Algorithm::Grpo => "grpo",
+            };
+            w.push(format!(
+                "run.sync_every = {} with learner.algorithm = \"{algo}\": rollouts come from weights up to {} updates \
+                 old, but the clipped ratio's old log-probs are the learner's current ones, so the update is \
+                 off-policy and uncorrected (no importance correction yet); use sync_every = 1",
+                self.run.sync_every,
+                self.run.sync_every - 1
+            ));
+        }
+        w
+    }
+
     /// Settings only a CUDA build can run, as (key path, why, whether this binary can).
     pub fn needs_cuda(&self) -> Vec<(&'static str, &'static str, bool)> {
         let mut v = Vec::new();
@@ -311,18 +299,5 @@ impl Config {
             ));
         }
         v
-    }
-
-    /// The model's format after resolving `auto`.
-    pub fn model_format(&self) -> ModelFormat {
-        match self.model.format {
-            ModelFormat::Auto
-                if self.model.path.extension().is_some_and(|e| e == "gguf") =>
-            {
-                ModelFormat::Gguf
-            }
-            ModelFormat::Auto => ModelFormat::Safetensors,
-            f => f,
-        }
     }
 }

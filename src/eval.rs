@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::{ModelConfig, ModelFormat};
+use crate::model::{ModelConfig, ModelFormat};
 use crate::data::Task;
 use crate::engine::{ChatMessage, Engine, EngineConfig, GenRequest, MistralEngine, Role, Rollout, SeedKey};
 use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
@@ -60,7 +60,7 @@ pub fn resolve_model(arg: &Path, scratch: &Path) -> Result<PathBuf> {
             &tag[..8]
         );
         let out = scratch.join(name);
-        crate::trainer::export_checkpoint(&ckpt, &out)?;
+        crate::rundir::export_checkpoint(&ckpt, &out)?;
         eprintln!("exported checkpoint {} as {}", ckpt.display(), out.display());
         return Ok(out);
     }

@@ -13,14 +13,17 @@ pub mod gguf;
 pub mod jsonl;
 pub mod judge;
 pub mod metrics;
+pub mod model;
 pub mod learner;
 pub mod progress;
 pub mod report;
 pub mod rundir;
 pub mod reward;
+pub mod seed;
 pub mod selection;
-pub mod tiny;
+pub mod testkit;
 pub mod trainer;
+pub mod validate;
 
 /// Proof that libtorch is linked and usable: a 2x2 matmul through tch.
 pub fn libtorch_matmul_check() -> Vec<f32> {

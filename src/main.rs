@@ -8,7 +8,12 @@ use orchestrator::cli;
 use orchestrator::config::Config;
 
 #[derive(Parser)]
-#[command(name = "orchestrator", version, about = "Writing-RL trainer: mistral.rs rollouts, LLM-judge rewards, tch learner")]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "Writing-RL trainer: mistral.rs rollouts, LLM-judge rewards, tch learner",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,10 +23,12 @@ struct Cli {
 enum Command {
     /// Train: rollouts, judge rewards, curriculum, learner updates, weight sync, checkpoints.
     /// Resumes from the run directory's newest complete checkpoint by default.
+    #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Validate a config file (and environment overrides) without loading any weights.
     Check {
-        config: PathBuf,
+        #[command(flatten)]
+        config: cli::ConfigArg,
         /// Check for this binary (default) or for a CUDA build of it: CUDA-only settings
         /// (paged attention, a cuda learner) are then listed instead of rejected.
         #[arg(long, value_enum, default_value = "this")]
@@ -32,7 +39,6 @@ enum Command {
     /// Reward a JSONL file of (prompt, criteria?, response, reference) pairs with the judge.
     Judge(cli::judge::JudgeArgs),
     /// Convert WritingBench JSONL or the official Writing-RL parquet to task JSONL, or a GGUF
-    /// model to an HF model directory. or a GGUF
     /// model to an HF model directory.
     Import(cli::import::ImportArgs),
     /// Margin-aware data selection: keep the tasks with the largest (best candidate - policy)
@@ -48,8 +54,8 @@ enum Command {
     Bench(BenchCommand),
     /// Write a small random HF model directory (Llama or Qwen2 layout), as the tests use.
     TinyModel {
-        #[arg(long, default_value = "llama")]
-        arch: String,
+        #[arg(long, value_enum, default_value = "llama")]
+        arch: TinyArch,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -57,9 +63,16 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TinyArch {
+    Llama,
+    Qwen2,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
-    config: PathBuf,
+    #[command(flatten)]
+    config: cli::ConfigArg,
     /// Run directory (default: <run.root>/<run.name or the config file's stem>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -94,8 +107,8 @@ enum BenchCommand {
     },
     /// Tokens/s of our recording sampler vs plain mistral.rs requests, and their ratio.
     Engine {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: cli::ConfigArg,
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         batches: Vec<usize>,
         #[arg(long, default_value_t = 3)]
@@ -118,19 +131,32 @@ enum BenchCommand {
     Learner(cli::bench_learner::BenchLearnerArgs),
 }
 
-/// Exit status of a run stopped because the judge stayed unavailable.
+/// Exit statuses, so a scheduler can tell a finished run from one to restart or to look at.
+const EXIT_ERROR: u8 = 1;
 const EXIT_JUDGE_DOWN: u8 = 3;
+const EXIT_DIVERGED: u8 = 4;
+const EXIT_INTERRUPTED: u8 = 130;
+const EXIT_CODES: &str = "\
+Exit status:
+  0    done (`run`: every step trained and checkpointed)
+  1    error (bad config or input, I/O, engine or learner failure); nothing is overwritten
+  2    bad command line
+  3    `run`: stopped because the judge stayed unavailable; a checkpoint was written, resume when it is back
+  4    `run`: stopped because learner.max_skipped_steps optimizer steps in a row had a non-finite
+       gradient norm; none was applied, so the newest checkpoint is clean
+  130  `run`: interrupted by SIGINT or SIGTERM; a checkpoint was written, rerun the command to resume";
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
     use orchestrator::trainer::{self, Ended, RunOptions};
+    let config = args.config.path().to_path_buf();
     let opts = RunOptions {
-        config: args.config.clone(),
+        config: config.clone(),
         run_dir: args.run_dir,
         resume: args.resume,
         allow_config_change: args.allow_config_change,
     };
     let resume_hint = |dir: &std::path::Path| {
-        format!("orchestrator run {} --run-dir {}", args.config.display(), dir.display())
+        format!("orchestrator run {} --run-dir {}", config.display(), dir.display())
     };
     Ok(match trainer::run(opts).await? {
         Ended::Completed { step, run_dir } => {
@@ -139,7 +165,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         Ended::Interrupted { step, run_dir } => {
             println!("interrupted; checkpoint at step {step}. Resume with: {}", resume_hint(&run_dir));
-            ExitCode::SUCCESS
+            ExitCode::from(EXIT_INTERRUPTED)
         }
         Ended::JudgeDown { step, run_dir, reason } => {
             eprintln!(
@@ -156,13 +182,17 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Run(_) => unreachable!("handled in main"),
         Command::Bench(BenchCommand::Run(args)) => orchestrator::trainer::bench::run(args).await,
         Command::Check { config, for_build } => {
-            let cfg = Config::load_for(&config, std::env::vars(), for_build)?;
+            let config = config.path();
+            let cfg = Config::load_for(config, std::env::vars(), for_build)?;
             println!(
                 "ok: {} (model {}, {:?})",
                 config.display(),
                 cfg.model.path.display(),
-                cfg.model_format()
+                cfg.model.resolved_format()
             );
+            for w in cfg.warnings() {
+                println!("warning: {w}");
+            }
             for (key, msg, here) in cfg.needs_cuda() {
                 if !here {
                     println!("note: {key}: {msg}; checked for a CUDA build, this binary cannot run it");
@@ -183,7 +213,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             cli::select::bench(tasks, candidates, latency_ms, concurrency, pairwise).await
         }
         Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens }) => {
-            let mut cfg = Config::load(&config)?;
+            let mut cfg = Config::load(config.path())?;
             if let Some(m) = max_new_tokens {
                 cfg.engine.sampling.max_new_tokens = m;
             }
@@ -204,10 +234,9 @@ async fn dispatch(cmd: Command) -> Result<()> {
         }
         Command::Bench(BenchCommand::Learner(args)) => cli::bench_learner::run(args),
         Command::TinyModel { arch, seed, out } => {
-            let spec = match arch.as_str() {
-                "llama" => orchestrator::tiny::TinySpec::llama(seed),
-                "qwen2" => orchestrator::tiny::TinySpec::qwen2(seed),
-                other => anyhow::bail!("--arch must be llama or qwen2, got {other}"),
+            let spec = match arch {
+                TinyArch::Llama => orchestrator::testkit::tiny::TinySpec::llama(seed),
+                TinyArch::Qwen2 => orchestrator::testkit::tiny::TinySpec::qwen2(seed),
             };
             spec.write(&out)?;
             println!("wrote {}", out.display());
@@ -233,7 +262,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<orchestrator::learner::Diverged>().is_some() {
+                ExitCode::from(EXIT_DIVERGED)
+            } else {
+                ExitCode::from(EXIT_ERROR)
+            }
         }
     }
 }

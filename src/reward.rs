@@ -11,8 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problems;
-use crate::engine::sampler::splitmix64;
+use crate::validate::Problems;
+use crate::seed::splitmix64;
 use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +118,10 @@ pub struct RewardOutcome {
 }
 
 impl RewardOutcome {
+    /// Unscored without asking the judge.
+    pub fn unscored(reason: &str) -> Self {
+        Self { calls: Vec::new(), outcome: None, reward: None, soft: false, unscored_reason: Some(reason.to_string()), consistent: None }
+    }
     pub fn is_unscored(&self) -> bool {
         self.reward.is_none()
     }

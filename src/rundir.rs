@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 use crate::config::Config;
 
 pub const CONFIG_FILE: &str = "config.json";
+pub const LEARNER_DIR: &str = "learner";
+pub const POLICY_DIR: &str = "policy";
 
 /// One changed leaf: (dotted key, saved value, new value); `None` where a side lacks the key.
 pub type Change = (String, Option<Value>, Option<Value>);
@@ -131,4 +133,21 @@ mod tests {
         assert!(allowed_by("judge.openai.base_url", "judge.openai.base_url"));
         assert!(!allowed_by("judge.openai_x", "judge.openai"));
     }
+}
+
+/// Writes the policy of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`, already
+/// verified by the caller) as an HF model directory with merged weights at `out`, for `eval` or
+/// serving elsewhere.
+pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
+    let ckpt = &ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
+    let run = ckpt
+        .parent()
+        .and_then(|p| p.parent())
+        .with_context(|| format!("{}: not inside a run directory", ckpt.display()))?;
+    let cfg_path = run.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    let mut learner = crate::learner::Learner::new(&cfg.learner, &cfg.model.path, cfg.run.seed)?;
+    learner.load(&ckpt.join(LEARNER_DIR))?;
+    learner.export(out)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use orchestrator::config::Config;
-use orchestrator::tiny::TinySpec;
+use orchestrator::testkit::tiny::TinySpec;
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -51,9 +51,10 @@ fn config_errors_name_the_file_and_key_path() {
     let e = load_err(&p, &[]);
     assert!(e.contains("syntax.toml") && e.contains("line 1"), "{e}");
 
-    let p = write(d, "nomodel.toml", "[engine]\nmax_num_seqs = 2\n");
+    // The file's name says nothing about the problem, so only the message can match.
+    let p = write(d, "c1.toml", "[engine]\nmax_num_seqs = 2\n");
     let e = load_err(&p, &[]);
-    assert!(e.contains("model"), "{e}");
+    assert!(e.contains("c1.toml") && e.contains("missing field `model`"), "{e}");
 
     // Several problems are reported together.
     let p = write(d, "many.toml", &format!("{base}[engine]\nmax_num_seqs = 0\n[engine.sampling]\ntemperature = -1\nmax_new_tokens = 0\n"));
@@ -122,6 +123,114 @@ fn environment_overrides_are_typed_and_checked() {
 }
 
 #[test]
+fn non_finite_and_endless_values_are_rejected_with_their_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = "[model]\npath = \"m\"\n";
+    let p = write(tmp.path(), "inf.toml", &format!("{base}[judge.openai]\ntimeout_secs = inf\nbreaker_cooldown_secs = nan\n[learner]\nlr = -inf\n"));
+    let e = load_err(&p, &[]);
+    for key in ["judge.openai.timeout_secs", "judge.openai.breaker_cooldown_secs", "learner.lr"] {
+        assert!(e.contains(&format!("{key} = ")) && e.contains("must be a finite number"), "{key} missing in {e}");
+    }
+    let p = write(tmp.path(), "ok.toml", base);
+    let e = load_err(&p, &[("ORCHESTRATOR__JUDGE__OPENAI__TIMEOUT_SECS", "inf")]);
+    assert!(e.contains("judge.openai.timeout_secs (from ORCHESTRATOR__JUDGE__OPENAI__TIMEOUT_SECS): must be a finite number"), "{e}");
+    // Finite but past what a Duration holds: bounded, with the key named.
+    let p = write(tmp.path(), "huge.toml", &format!("{base}[judge.openai]\ntimeout_secs = 1e300\nmax_retry_after_secs = 1e20\nbackoff_max_ms = 9000000000000\n[run]\njudge_down_max_wait_secs = 1e30\n"));
+    let e = load_err(&p, &[]);
+    for key in ["judge.openai.timeout_secs", "judge.openai.max_retry_after_secs", "judge.openai.backoff_max_ms", "run.judge_down_max_wait_secs"] {
+        assert!(e.contains(&format!("{key}: must be")), "{key} missing in {e}");
+    }
+    // The binary reports it and exits non-zero instead of panicking.
+    let out = Command::new(common::bin()).arg("check").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+/// `cargo build` and `cargo test` must resolve every shared crate with the same features, or one
+/// rebuilds mistral.rs after the other (the feature pins in Cargo.toml).
+#[test]
+fn build_and_test_share_one_feature_set() {
+    // A crate built for the host (build scripts, proc macros) and for the target shows up once
+    // per feature set: compare the sets.
+    type Sets = std::collections::BTreeMap<String, std::collections::BTreeSet<String>>;
+    let tree = |edges: &str| -> Sets {
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["tree", "--locked", "--offline", "--prefix", "none", "-f", "{p}|{f}", "-e", edges, "--manifest-path"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim_end_matches(" (*)").split_once('|'))
+            .fold(Sets::new(), |mut m, (p, f)| {
+                m.entry(p.to_string()).or_default().insert(f.to_string());
+                m
+            })
+    };
+    let build = tree("normal,build");
+    let test = tree("normal,build,dev");
+    assert!(build.len() > 300, "{} crates", build.len());
+    let differ: Vec<String> = build
+        .iter()
+        .filter_map(|(p, f)| test.get(p).filter(|g| *g != f).map(|g| format!("{p}: build {f:?} vs test {g:?}")))
+        .collect();
+    assert!(differ.is_empty(), "features differ between cargo build and cargo test:\n{}", differ.join("\n"));
+}
+
+#[test]
+fn sync_every_above_one_warns_that_updates_are_off_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let check = |body: &str| {
+        let p = write(tmp.path(), "w.toml", &format!("[model]\npath = \"m\"\n{body}"));
+        let out = Command::new(common::bin()).arg("check").arg(&p).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = check("[run]\nsync_every = 3\n[learner]\nalgorithm = \"ppo\"\n");
+    assert!(out.contains("warning: run.sync_every = 3 with learner.algorithm = \"ppo\"") && out.contains("off-policy"), "{out}");
+    assert!(!check("[run]\nsync_every = 1\n[learner]\nalgorithm = \"ppo\"\n").contains("warning"));
+    // GRPO takes the same clipped ratio from the learner's log-probs.
+    assert!(check("[run]\nsync_every = 2\n[learner]\nalgorithm = \"grpo\"\n").contains("warning: run.sync_every = 2"));
+}
+
+/// Options with fixed values list them in `--help`; every option says what it is; the config is
+/// positional everywhere, `--config` still accepted, never both.
+#[test]
+fn help_lists_fixed_values_and_every_option_has_help() {
+    let help = |args: &[&str]| {
+        let out = Command::new(common::bin()).args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(help(&["tiny-model"]).contains("[possible values: llama, qwen2]"));
+    assert!(help(&["select"]).contains("[possible values: pointwise, pairwise]"));
+    let bl = help(&["bench", "learner"]);
+    assert!(bl.contains("[possible values: f32, bf16]") && bl.contains("cpu, cuda or cuda:N"), "{bl}");
+    assert!(help(&["import"]).contains("[possible values: f32, bf16]"));
+    let import = help(&["import"]);
+    assert_eq!(import.matches("or a GGUF").count(), 1, "the about text says it once: {import}");
+    for cmd in ["generate", "judge"] {
+        let h = help(&[cmd]);
+        for opt in ["--out <OUT>", "--config <CONFIG>"] {
+            let line = h.lines().find(|l| l.trim_start().starts_with(opt)).unwrap_or_else(|| panic!("{cmd}: no {opt} in {h}"));
+            let at = h.find(line).unwrap() + line.len();
+            let described = line.trim_start().len() > opt.len() + 2 || h[at..].lines().nth(1).is_some_and(|n| n.starts_with("          ") && !n.trim().is_empty());
+            assert!(described, "{cmd}: {opt} has no help: {h}");
+        }
+        assert!(h.contains("[CONFIG]"), "{cmd}: {h}");
+    }
+    let both = Command::new(common::bin()).args(["check", "a.toml", "--config", "b.toml"]).output().unwrap();
+    assert_eq!(both.status.code(), Some(2), "{both:?}");
+    let neither = Command::new(common::bin()).args(["check"]).output().unwrap();
+    assert_eq!(neither.status.code(), Some(2));
+    let run = help(&["run"]);
+    for code in ["130", "  3 ", "  4 "] {
+        assert!(run.contains(code), "run --help must document exit status {code}: {run}");
+    }
+}
+
+#[test]
 fn check_passes_on_every_shipped_config_and_fails_on_a_bad_one() {
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut n = 0;
@@ -173,10 +282,15 @@ fn generate_writes_samples_and_rejects_bad_lines() {
         "{\"id\": \"a\", \"prompt\": \"Write a poem.\"}\n{\"id\": 2, \"prompt\": \"Describe a market.\", \"system\": \"Be brief.\", \"references\": [\"x\"]}\n",
     );
     let out = tmp.path().join("out.jsonl");
+    // The config positional (preferred) or as --config (accepted for this release): same result.
+    let positional = std::cell::Cell::new(false);
     let run = |prompts: &Path, out: &Path| {
-        Command::new(common::bin())
-            .args(["generate", "--n", "3", "--with-tokens", "--config"])
-            .arg(&cfg_path)
+        let mut c = Command::new(common::bin());
+        c.args(["generate", "--n", "3", "--with-tokens"]);
+        if !positional.get() {
+            c.arg("--config");
+        }
+        c.arg(&cfg_path)
             .arg("--prompts")
             .arg(prompts)
             .arg("--out")
@@ -202,6 +316,7 @@ fn generate_writes_samples_and_rejects_bad_lines() {
         assert!(n >= 1 && n <= 12);
     }
     // Same seed from the config: a rerun is identical.
+    positional.set(true);
     let out2 = tmp.path().join("out2.jsonl");
     assert!(run(&prompts, &out2).status.success());
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());

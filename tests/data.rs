@@ -311,7 +311,7 @@ fn parquet_import_reads_the_official_layout_and_names_bad_rows() {
 
 // ---------------------------------------------------------------- margin-aware selection
 
-use orchestrator::judge::scripted::{rules, Behavior, RecordedRequest, ScriptedServer};
+use orchestrator::testkit::scripted::{rules, Behavior, RecordedRequest, ScriptedServer};
 use orchestrator::judge::{OpenAiJudge, Verdict};
 use orchestrator::selection::{
     self, Answer, PairOrder, SelectionConfig, SelectionMode, TaskStatus, WeakerCandidates,
@@ -581,7 +581,7 @@ fn data_curriculum_and_selection_config_keys_are_checked() {
 /// an answer by its length (1 + chars % 10), so the expected margins follow from the files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ladders_from_the_models_own_generate_output() {
-    use orchestrator::tiny::TinySpec;
+    use orchestrator::testkit::tiny::TinySpec;
     common::init();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();

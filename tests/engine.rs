@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use mistralrs::{RequestBuilder, TextMessageRole};
 use orchestrator::config::ModelConfig;
@@ -10,7 +11,7 @@ use orchestrator::engine::{
     ChatMessage, CpuBatching, Engine, EngineConfig, FinishReason, GenRequest, MistralEngine, Role,
     Rollout, SamplingConfig, SeedKey,
 };
-use orchestrator::tiny::{Arch, TinySpec};
+use orchestrator::testkit::tiny::{Arch, TinySpec};
 
 const PROMPTS: &[&str] = &[
     "Write a short story about a lighthouse.",
@@ -81,7 +82,7 @@ async fn ids_decode_to_text_and_logprobs_are_valid() {
     let dir = common::tiny_model(tmp.path(), &TinySpec::llama(3));
     let engine = engine_for(&dir).await;
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let eos = tok.token_to_id(orchestrator::tiny::EOS).unwrap();
+    let eos = tok.token_to_id(orchestrator::testkit::tiny::EOS).unwrap();
     let s = SamplingConfig { temperature: 0.9, top_p: 0.9, top_k: 40, max_new_tokens: 32, stop: vec![] };
     let out = engine.generate(&requests(PROMPTS, 3, 11), &s).await.unwrap();
     let mut stopped = 0;
@@ -103,6 +104,7 @@ async fn ids_decode_to_text_and_logprobs_are_valid() {
                 stopped += 1;
                 assert_eq!(*r.ids.last().unwrap(), eos, "a stop without a stop string ends in EOS");
             }
+            FinishReason::Canceled => panic!("nothing canceled this sample"),
         }
     }
     println!("{stopped}/24 samples ended with EOS");
@@ -384,10 +386,10 @@ fn write_gguf_from_hf(dir: &std::path::Path, spec: &TinySpec, out: &std::path::P
         ("tokenizer.ggml.tokens", V::Array(tokens.iter().map(|t| s(t)).collect())),
         ("tokenizer.ggml.token_type", V::Array(types.iter().map(|&t| V::I32(t)).collect())),
         ("tokenizer.ggml.merges", V::Array(merges.iter().map(|m| s(m)).collect())),
-        ("tokenizer.ggml.bos_token_id", V::U32(id(orchestrator::tiny::BOS))),
-        ("tokenizer.ggml.eos_token_id", V::U32(id(orchestrator::tiny::EOS))),
-        ("tokenizer.ggml.padding_token_id", V::U32(id(orchestrator::tiny::PAD))),
-        ("tokenizer.chat_template", s(orchestrator::tiny::CHAT_TEMPLATE)),
+        ("tokenizer.ggml.bos_token_id", V::U32(id(orchestrator::testkit::tiny::BOS))),
+        ("tokenizer.ggml.eos_token_id", V::U32(id(orchestrator::testkit::tiny::EOS))),
+        ("tokenizer.ggml.padding_token_id", V::U32(id(orchestrator::testkit::tiny::PAD))),
+        ("tokenizer.chat_template", s(orchestrator::testkit::tiny::CHAT_TEMPLATE)),
     ];
     let gguf_name = |hf: &str| -> String {
         let map = [
@@ -516,4 +518,75 @@ async fn gguf_import_of_cached_smollm2() {
     let identical = report.iter().filter(|r| r.0 == r.1).count();
     assert!(identical >= 3, "{identical}/5 identical");
     assert!(report.iter().all(|r| r.2 < 0.25), "{report:?}");
+}
+
+/// Sequences mistral.rs cancels come back as `Canceled`, not as finished answers (the trainer
+/// neither judges nor trains on them). mistral.rs keeps its cancel flag process-wide, so the
+/// probe runs alone in a child process where no other test's engine can be hit by it.
+#[test]
+fn canceled_generations_are_marked_canceled() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "cancel_probe", "--ignored", "--nocapture", "--test-threads", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the cancel probe failed");
+    assert!(stdout.contains("test result: ok. 1 passed"), "the cancel probe did not run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run alone in its own process by canceled_generations_are_marked_canceled"]
+async fn cancel_probe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(tmp.path(), &TinySpec::llama(31));
+    let engine = std::sync::Arc::new(engine_for(&dir).await);
+    // Long enough that the cancel lands mid-sequence; the tiny model rarely samples EOS.
+    let reqs = requests(&PROMPTS[..1], 1, 3);
+    let long = SamplingConfig { stop: vec![], ..sampling(1.0, 4000) };
+    let t0 = std::time::Instant::now();
+    let full = engine.generate(&reqs, &long).await.unwrap();
+    let t_full = t0.elapsed();
+    let full_len = full[0][0].ids.len();
+    assert!(full_len > 50, "the uncanceled sample is too short to cancel: {full_len}");
+    let e = engine.clone();
+    let (reqs2, long2) = (reqs.clone(), long.clone());
+    let gen = tokio::spawn(async move { e.generate(&reqs2, &long2).await });
+    // Cancel a third of the way through (the uncanceled run's time), whatever the machine's speed.
+    tokio::time::sleep(t_full / 3).await;
+    engine.cancel_running().await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), gen).await.expect("canceled generation returns").unwrap().unwrap();
+    let r = &out[0][0];
+    println!("full {full_len} tokens; canceled after {} tokens as {:?}", r.ids.len(), r.finish_reason);
+    assert_eq!(r.finish_reason, FinishReason::Canceled, "a canceled sequence must not look finished");
+    assert!(r.ids.len() < full_len);
+    assert_eq!(r.ids[..], full[0][0].ids[..r.ids.len()], "same stream up to the cancel");
+    // The engine serves normally afterwards.
+    let again = engine.generate(&reqs, &long).await.unwrap();
+    assert_eq!(again[0][0].ids, full[0][0].ids);
+    assert_ne!(again[0][0].finish_reason, FinishReason::Canceled);
+}
+
+/// A model whose logits are NaN gives an error naming them, not token 0 with a NaN log-prob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_logits_are_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(tmp.path(), &TinySpec::llama(32));
+    let path = dir.join("model.safetensors");
+    let mut ts: Vec<(String, tch::Tensor)> = orchestrator::learner::model::read_all(&path).unwrap().into_iter().collect();
+    for (n, t) in &mut ts {
+        if n == "model.norm.weight" {
+            *t = t.full_like(f64::NAN);
+        }
+    }
+    orchestrator::learner::model::write_all(&path, &ts, None).unwrap();
+    let engine = engine_for(&dir).await;
+    for t in [1.0, 0.0] {
+        let r = tokio::time::timeout(Duration::from_secs(60), engine.generate(&requests(&PROMPTS[..1], 1, 0), &sampling(t, 8)))
+            .await
+            .expect("no hang");
+        let e = format!("{:#}", r.expect_err("NaN logits must be an error"));
+        assert!(e.contains("non-finite logits"), "{e}");
+    }
 }

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use orchestrator::config::{Config, DType, ModelConfig, ModelFormat};
 use orchestrator::engine::{ChatMessage, Engine, GenRequest, MistralEngine, Role, SeedKey};
 use orchestrator::eval::{wilson, Z95};
-use orchestrator::judge::scripted::{rules, Behavior, ScriptedServer};
+use orchestrator::testkit::scripted::{rules, Behavior, ScriptedServer};
 use orchestrator::judge::verdict::neutralise;
 use orchestrator::judge::Verdict;
-use orchestrator::tiny::TinySpec;
+use orchestrator::testkit::tiny::TinySpec;
 use serde_json::{json, Value};
 
 const SEED: u64 = 7;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mistralrs::{CustomLogitsProcessor, RequestBuilder, Tensor, TextMessageRole};
-use orchestrator::judge::scripted::{rules, Behavior, RecordedRequest, ScriptedServer};
+use orchestrator::testkit::scripted::{rules, Behavior, RecordedRequest, ScriptedServer};
 use orchestrator::judge::templates::{TemplateKind, Templates};
 use orchestrator::judge::verdict::{self, Labels};
 use orchestrator::judge::{
@@ -18,7 +18,7 @@ use orchestrator::judge::{
     Verdict, VerdictMode,
 };
 use orchestrator::reward::{self, Outcome, Position, RewardConfig, RewardInput, RewardStats};
-use orchestrator::tiny::TinySpec;
+use orchestrator::testkit::tiny::TinySpec;
 
 /// A judge config pointed at `server` with short timeouts and fast backoff.
 fn judge_cfg(server: &ScriptedServer) -> JudgeConfig {
@@ -235,6 +235,24 @@ async fn breaker_trips_after_n_consecutive_failures_and_probes_back() {
     let out = judge.compare(c).await;
     assert_eq!(out.judgement, Judgement::Scored { verdict: Verdict::First, probs: None });
     assert_eq!(judge.health(), JudgeHealth::Up);
+}
+
+/// A `Retry-After` of any size (here 1e20 seconds, past what a Duration holds) ends the call as
+/// unscored with the reason, at once: no panic, no wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_retry_after_is_refused_not_a_panic() {
+    for value in ["1e20", "1e308", "99999999999999999999999"] {
+        let server = ScriptedServer::start(Behavior::Error { status: 429, message: "slow down".into(), retry_after: Some(value.into()) })
+            .await
+            .unwrap();
+        let judge = OpenAiJudge::new(&judge_cfg(&server)).unwrap();
+        let c = Comparison { prompt: "p", criteria: None, first: "GOOD a", second: "b" };
+        let t0 = std::time::Instant::now();
+        let out = judge.compare(c).await;
+        let Judgement::Unscored { reason } = &out.judgement else { panic!("{value}: {:?}", out.judgement) };
+        assert!(reason.contains("max_retry_after_secs"), "{value}: {reason}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{value}: waited {:?}", t0.elapsed());
+    }
 }
 
 /// Answers that try to forge the verdict.

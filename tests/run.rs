@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use orchestrator::data::{write_tasks, References};
-use orchestrator::judge::scripted::{Behavior, ScriptedServer};
+use orchestrator::testkit::scripted::{Behavior, ScriptedServer};
 use orchestrator::metrics::read_jsonl;
-use orchestrator::tiny::TinySpec;
-use orchestrator::trainer::bench::{letter_tasks, more_a_judge};
+use orchestrator::testkit::tiny::TinySpec;
+use orchestrator::testkit::letters::{letter_tasks, more_a_judge};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -464,7 +464,7 @@ async fn sigterm_while_paused_for_the_judge_checkpoints_and_resume_path_starts_a
     let t_signal = Instant::now();
     assert_eq!(unsafe_kill(pid, 15), 0);
     let (code, out, err) = child.wait().await;
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 130, "an interrupted run must not look finished: {err}");
     assert!(t_signal.elapsed() < Duration::from_secs(20), "the pause ignored SIGTERM for {:?}", t_signal.elapsed());
     assert!(out.contains("Resume with"), "{out}");
     let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
@@ -539,11 +539,11 @@ async fn operator_errors_fail_fast_and_sigint_checkpoints() {
     std::fs::write(&bad, std::fs::read_to_string(&config).unwrap().replace("n_samples = 2", "n_samples = 0")).unwrap();
     let t0 = Instant::now();
     let (code, _, err) = run_to_end(&bad, &s.path("runs/bad"), &[]).await;
-    assert!(code != 0 && err.contains("run.n_samples") && err.contains("bad.toml"), "{err}");
+    assert!(code == 1 && err.contains("run.n_samples") && err.contains("bad.toml"), "{code}: {err}");
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     assert!(!s.path("runs/bad").exists());
 
-    // SIGINT mid-run: exit 0, a checkpoint at the last finished step, and how to resume.
+    // SIGINT mid-run: exit 130 (not 0: a scheduler must tell it from a finished run), a checkpoint at the last finished step, and how to resume.
     let child = spawn(&config, &dir, &[], &[]);
     let t0 = Instant::now();
     while !child.stderr().contains("step 2/40") {
@@ -553,7 +553,7 @@ async fn operator_errors_fail_fast_and_sigint_checkpoints() {
     let pid = child.child.id().unwrap() as i32;
     assert_eq!(unsafe_kill(pid, 2), 0);
     let (code, out, err) = child.wait().await;
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 130, "{err}");
     assert!(out.contains("Resume with") && out.contains("--run-dir"), "{out}");
     let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
     let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
@@ -598,7 +598,7 @@ async fn lora_sync_writes_only_the_adapted_weights_and_the_engine_serves_them() 
     use orchestrator::engine::{Engine, GenRequest, MistralEngine, SamplingConfig, SeedKey};
     let s = Setup::new(4);
     // Prefers the shorter answer: mixed outcomes, so the update moves the adapters.
-    let server = ScriptedServer::start(orchestrator::judge::scripted::rules::verdict_by(|a, b| {
+    let server = ScriptedServer::start(orchestrator::testkit::scripted::rules::verdict_by(|a, b| {
         use orchestrator::judge::Verdict;
         match a.len().cmp(&b.len()) {
             std::cmp::Ordering::Less => Verdict::First,

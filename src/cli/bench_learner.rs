@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use crate::learner::batch::{token_stats, trunk_backward, trunk_forward, Entropy};
-use crate::learner::config::parse_device;
+use crate::learner::config::{device_arg, parse_device, LearnerDType};
 use crate::learner::model::{write_all, CausalLm, Fwd};
 use crate::progress::Progress;
 
@@ -25,10 +25,10 @@ pub struct BenchLearnerArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
-    /// f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: LearnerDType,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = device_arg)]
     pub device: String,
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
@@ -61,10 +61,9 @@ fn reset_hwm() -> bool {
 pub fn run(a: BenchLearnerArgs) -> Result<()> {
     tch::set_num_threads(a.threads);
     let device = parse_device(&a.device).with_context(|| format!("--device {:?}: cpu, cuda or cuda:N", a.device))?;
-    let kind = match a.dtype.as_str() {
-        "f32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        d => anyhow::bail!("--dtype must be f32 or bf16, got {d}"),
+    let kind = match a.dtype {
+        LearnerDType::F32 => Kind::Float,
+        LearnerDType::Bf16 => Kind::BFloat16,
     };
     let lm = CausalLm::load(&a.model, device, kind, None, true)?;
     let v = lm.cfg.vocab_size as u32;
@@ -127,7 +126,7 @@ pub fn run(a: BenchLearnerArgs) -> Result<()> {
         a.model.display(),
         a.batch,
         a.seq_len,
-        a.dtype,
+        clap::ValueEnum::to_possible_value(&a.dtype).map(|v| v.get_name().to_string()).unwrap_or_default(),
         device,
         a.threads,
         a.recompute

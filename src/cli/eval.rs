@@ -12,9 +12,8 @@ use crate::judge::JudgeKind;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// Judge, reward values and engine sampling come from this config.
-    #[arg(long)]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     /// The model under test: an HF model directory, a run directory (its newest complete
     /// checkpoint) or a checkpoint directory; checkpoints are exported under `OUT/models/`.
     #[arg(long)]
@@ -37,12 +36,12 @@ pub struct EvalArgs {
 }
 
 pub async fn run(args: EvalArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load(args.config.path())?;
     let scratch = args.out.join("models");
     let policy_dir = eval::resolve_model(&args.policy, &scratch)?;
     let baseline_dir = eval::resolve_model(&args.baseline, &scratch)?;
     let Some(tasks_path) = args.tasks.clone().or_else(|| cfg.data.eval_tasks.clone()) else {
-        bail!("no tasks: pass --tasks FILE or set data.eval_tasks in {}", args.config.display());
+        bail!("no tasks: pass --tasks FILE or set data.eval_tasks in {}", args.config.path().display());
     };
     let mut tasks = read_tasks(&tasks_path, References::Optional)?;
     if let Some(n) = args.limit {

@@ -18,12 +18,13 @@ use crate::progress::Progress;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
-    #[arg(long)]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     /// JSONL with `prompt` (required), `id` and `system` (optional); other fields are ignored,
     /// so a task file works as it is.
     #[arg(long)]
     pub prompts: PathBuf,
+    /// Output JSONL, one line per sample (written atomically; nothing on error).
     #[arg(long)]
     pub out: PathBuf,
     /// Samples per prompt.
@@ -81,7 +82,7 @@ struct OutLine<'a> {
 }
 
 pub async fn run(args: GenerateArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load(args.config.path())?;
     if args.n == 0 {
         bail!("--n must be >= 1");
     }

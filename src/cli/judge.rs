@@ -11,18 +11,20 @@ use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::judge::scripted::{Behavior, ScriptedServer};
+use crate::testkit::scripted::{Behavior, ScriptedServer};
 use crate::judge::{self, Comparison, Judge, JudgeConfig, JudgeHealth, JudgeKind, OpenAiJudge};
 use crate::progress::Progress;
 use crate::reward::{self, RewardInput, RewardOutcome, RewardStats};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct JudgeArgs {
-    #[arg(long)]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     /// JSONL with `prompt`, `response`, `reference` (required), `criteria` and `id` (optional).
     #[arg(long)]
     pub pairs: PathBuf,
+    /// Output JSONL, one line per pair: verdicts, reward, judge text, latency, retries (written
+    /// atomically). The win/tie/loss summary is printed.
     #[arg(long)]
     pub out: PathBuf,
     /// Pairs judged at once (default: the judge's own concurrency).
@@ -69,7 +71,7 @@ struct OutLine<'a> {
 }
 
 pub async fn run(args: JudgeArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load(args.config.path())?;
     let pairs = read_pairs(&args.pairs)?;
     let concurrency = args.concurrency.unwrap_or(match cfg.judge.kind {
         // `both` makes two calls per pair; the judge's semaphore does the limiting.

@@ -17,9 +17,8 @@ use crate::selection::{self, Answer, SelectionMode, WeakerCandidates};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SelectArgs {
-    /// Config with the `[judge]` and `[selection]` sections.
-    #[arg(long)]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     #[arg(long)]
     pub tasks: PathBuf,
     /// The current policy's answers (generate output).
@@ -35,8 +34,8 @@ pub struct SelectArgs {
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Overrides selection.mode.
-    #[arg(long, value_parser = ["pointwise", "pairwise"])]
-    pub mode: Option<String>,
+    #[arg(long, value_enum)]
+    pub mode: Option<SelectionMode>,
     /// Overrides selection.top_k (and clears top_fraction).
     #[arg(long)]
     pub top_k: Option<usize>,
@@ -55,11 +54,11 @@ pub struct SelectArgs {
 }
 
 pub async fn run(args: SelectArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load(args.config.path())?;
     let mut sel = cfg.selection.clone();
     sel.order.get_or_insert(cfg.reward.position);
-    if let Some(m) = &args.mode {
-        sel.mode = if m == "pairwise" { SelectionMode::Pairwise } else { SelectionMode::Pointwise };
+    if let Some(m) = args.mode {
+        sel.mode = m;
     }
     if let Some(k) = args.top_k {
         sel.top_k = Some(k);
@@ -114,7 +113,7 @@ pub async fn run(args: SelectArgs) -> Result<()> {
 /// `orchestrator bench select`: `select` against the scripted judge server with a fixed latency,
 /// printing the wall time and its ratio to the ideal (calls x latency / concurrency).
 pub async fn bench(tasks: usize, candidates: usize, latency_ms: u64, concurrency: usize, pairwise: bool) -> Result<()> {
-    use crate::judge::scripted::{rules, Behavior, ScriptedServer};
+    use crate::testkit::scripted::{rules, Behavior, ScriptedServer};
     use crate::judge::{JudgeConfig, OpenAiJudge, Verdict};
     anyhow::ensure!(tasks > 0 && candidates > 0 && concurrency > 0, "tasks, candidates and concurrency must be >= 1");
     let answer = Behavior::rule(|req| {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::Problems;
+use crate::validate::Problems;
 
 pub use sampler::{SamplerCursor, TaskSampler};
 

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, RwLock, Semaphore};
 
 use super::sampler::{RecordingSampler, TokenSampling};
 use super::{ChatMessage, Engine, EngineConfig, FinishReason, GenRequest, Role, Rollout, SamplingConfig};
-use crate::config::{DType, ModelConfig, ModelFormat};
+use crate::model::{DType, ModelConfig, ModelFormat};
 
 pub struct MistralEngine {
     model: Model,
@@ -201,6 +201,17 @@ impl MistralEngine {
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// Ends every running sequence at its next decode step; they come back with
+    /// [`FinishReason::Canceled`]. mistral.rs 0.8.1 keeps this flag process-wide, so it reaches
+    /// every engine of the process (an embedded judge too).
+    pub async fn cancel_running(&self) -> Result<()> {
+        let sender = self.model.inner().get_sender(None).map_err(|e| anyhow::anyhow!("cancel: {e}"))?;
+        sender
+            .send(mistralrs::Request::TerminateAllSeqsNextStep)
+            .await
+            .map_err(|_| anyhow::anyhow!("cancel: the engine is not running"))
+    }
+
     pub async fn detokenize(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.model
             .detokenize(ids.to_vec(), skip_special)
@@ -268,8 +279,9 @@ impl Drop for MistralEngine {
 
 fn finish_reason(s: &str) -> FinishReason {
     match s {
+        "stop" => FinishReason::Stop,
         "length" => FinishReason::Length,
-        _ => FinishReason::Stop,
+        _ => FinishReason::Canceled,
     }
 }
 

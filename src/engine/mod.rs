@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::Problems;
+use crate::validate::Problems;
 
 pub use mistral::{CpuBatching, MistralEngine};
 pub use sampler::SeedKey;
@@ -170,6 +170,9 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` reached.
     Length,
+    /// The engine ended the sequence before it finished (mistral.rs's `canceled`, or any reason
+    /// that is not a text completion). Never judged, never trained on; counted in the metrics.
+    Canceled,
 }
 
 /// One sampled answer with the exact ids the engine produced.

@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::SamplingConfig;
+use crate::seed::splitmix64;
 
 /// Identifies one prompt's random streams: (run seed, step, prompt). The sample index and the
 /// token position are mixed in below, so no stream depends on batch composition.
@@ -36,15 +37,6 @@ impl SeedKey {
         h = splitmix64(h ^ self.prompt);
         splitmix64(h ^ sample)
     }
-}
-
-/// SplitMix64's output function: a cheap, well-mixed hash of one u64, used to derive seeds.
-pub fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Token-level sampling parameters, already validated.
@@ -123,8 +115,12 @@ pub fn truncated_distribution(logp: &[f32], s: TokenSampling) -> Vec<(u32, f64)>
 }
 
 /// Draws one token: greedy (argmax, lowest id on ties) at temperature 0, otherwise by inverse
-/// CDF over the truncated distribution with the uniform `u` in [0, 1).
-pub fn draw(logits: &[f32], s: TokenSampling, u: f64) -> (u32, f32) {
+/// CDF over the truncated distribution with the uniform `u` in [0, 1). NaN or +inf logits are
+/// an error: a draw from them would be token 0 with a NaN log-prob, trained on as if real.
+pub fn draw(logits: &[f32], s: TokenSampling, u: f64) -> Result<(u32, f32), NonFiniteLogits> {
+    if let Some(at) = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
+        return Err(NonFiniteLogits { at, value: logits[at], count: logits.iter().filter(|l| l.is_nan() || **l == f32::INFINITY).count() });
+    }
     let logp = log_softmax(logits, s.temperature);
     if s.temperature <= 0.0 {
         let mut best = 0usize;
@@ -133,7 +129,7 @@ pub fn draw(logits: &[f32], s: TokenSampling, u: f64) -> (u32, f32) {
                 best = i;
             }
         }
-        return (best as u32, logp[best]);
+        return Ok((best as u32, logp[best]));
     }
     let id = if s.top_k == 0 && s.top_p >= 1.0 {
         // Full distribution: one pass, no sort.
@@ -165,8 +161,24 @@ pub fn draw(logits: &[f32], s: TokenSampling, u: f64) -> (u32, f32) {
         }
         chosen
     };
-    (id, logp[id as usize])
+    Ok((id, logp[id as usize]))
 }
+
+/// The model produced logits no token can be drawn from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NonFiniteLogits {
+    pub at: usize,
+    pub value: f32,
+    pub count: usize,
+}
+
+impl std::fmt::Display for NonFiniteLogits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "non-finite logits from the model: {} of them, first at token id {} ({})", self.count, self.at, self.value)
+    }
+}
+
+impl std::error::Error for NonFiniteLogits {}
 
 /// The uniform draw for one position of one sample's stream.
 pub fn uniform_at(sample_seed: u64, position: usize) -> f64 {
@@ -214,7 +226,7 @@ impl CustomLogitsProcessor for RecordingSampler {
             .to_vec1()?;
         let position = context.len();
         let u = uniform_at(self.seed, position);
-        let (id, lp) = draw(&values, self.params, u);
+        let (id, lp) = draw(&values, self.params, u).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         {
             let mut rec = self.record.lock().unwrap();
             let prompt_len = rec.prompt.get_or_insert_with(|| context.to_vec()).len();
@@ -243,7 +255,7 @@ mod tests {
         for &t in &[0.5, 1.0, 1.7] {
             let s = TokenSampling { temperature: t, top_p: 0.9, top_k: 50 };
             for pos in 0..20 {
-                let (id, lp) = draw(&logits, s, uniform_at(7, pos));
+                let (id, lp) = draw(&logits, s, uniform_at(7, pos)).unwrap();
                 // Independent computation in f64.
                 let m = logits.iter().map(|&x| x as f64 / t).fold(f64::MIN, f64::max);
                 let z: f64 = logits.iter().map(|&x| (x as f64 / t - m).exp()).sum();
@@ -251,6 +263,22 @@ mod tests {
                 assert!((lp as f64 - want).abs() < 1e-5, "t={t} id={id} {lp} vs {want}");
                 assert!(lp <= 0.0 && lp.is_finite());
             }
+        }
+    }
+
+    #[test]
+    fn nan_or_infinite_logits_are_an_error_not_token_zero() {
+        let mut logits = logits_fixture(50, 4);
+        logits[0] = f32::NEG_INFINITY; // masked tokens are fine
+        for s in [TokenSampling { temperature: 0.0, top_p: 1.0, top_k: 0 }, TokenSampling { temperature: 1.0, top_p: 0.9, top_k: 0 }] {
+            assert!(draw(&logits, s, 0.5).is_ok());
+            let mut bad = logits.clone();
+            bad[7] = f32::NAN;
+            let e = draw(&bad, s, 0.5).unwrap_err();
+            assert_eq!((e.at, e.count), (7, 1));
+            bad[3] = f32::INFINITY;
+            assert_eq!(draw(&bad, s, 0.5).unwrap_err().at, 3);
+            assert!(draw(&vec![f32::NAN; 50], s, 0.5).unwrap_err().to_string().contains("50 of them"));
         }
     }
 
@@ -263,7 +291,7 @@ mod tests {
             .max_by(|a, b| a.1.partial_cmp(b.1).unwrap())
             .unwrap()
             .0;
-        let (id, _) = draw(&logits, TokenSampling { temperature: 0.0, top_p: 1.0, top_k: 0 }, 0.3);
+        let (id, _) = draw(&logits, TokenSampling { temperature: 0.0, top_p: 1.0, top_k: 0 }, 0.3).unwrap();
         assert_eq!(id as usize, best);
     }
 
@@ -272,7 +300,7 @@ mod tests {
         let dist = truncated_distribution(&log_softmax(logits, s.temperature), s);
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
         for i in 0..draws {
-            let (id, _) = draw(logits, s, uniform_at(99, i));
+            let (id, _) = draw(logits, s, uniform_at(99, i)).unwrap();
             *counts.entry(id).or_default() += 1;
         }
         let allowed: std::collections::HashSet<u32> = dist.iter().map(|d| d.0).collect();

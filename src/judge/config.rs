@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::verdict::Labels;
-use crate::config::{ModelConfig, Problems};
+use crate::model::ModelConfig;
+use crate::validate::Problems;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -161,19 +162,20 @@ impl JudgeConfig {
             p.push(&k("api_key_env"), "must be the NAME of an environment variable (letters, digits, _), not the key");
         }
         p.at_least(&k("temperature"), o.temperature, 0.0);
-        p.positive(&k("timeout_secs"), o.timeout_secs);
+        p.seconds(&k("timeout_secs"), o.timeout_secs, 0.001);
         p.positive(&k("max_tokens"), o.max_tokens as f64);
         p.positive(&k("max_concurrency"), o.max_concurrency as f64);
-        p.positive(&k("backoff_initial_ms"), o.backoff_initial_ms as f64);
+        p.millis(&k("backoff_initial_ms"), o.backoff_initial_ms, 1);
+        p.millis(&k("backoff_max_ms"), o.backoff_max_ms, 1);
         if o.backoff_max_ms < o.backoff_initial_ms {
             p.push(&k("backoff_max_ms"), format!("must be >= backoff_initial_ms ({}), got {}", o.backoff_initial_ms, o.backoff_max_ms));
         }
-        p.at_least(&k("max_retry_after_secs"), o.max_retry_after_secs, 0.0);
-        p.at_least(&k("breaker_cooldown_secs"), o.breaker_cooldown_secs, 0.0);
+        p.seconds(&k("max_retry_after_secs"), o.max_retry_after_secs, 0.0);
+        p.seconds(&k("breaker_cooldown_secs"), o.breaker_cooldown_secs, 0.0);
         if !(1..=20).contains(&o.top_logprobs) {
             p.push(&k("top_logprobs"), format!("must be in 1..=20, got {}", o.top_logprobs));
         }
-        if !(0.0..1.0).contains(&self.tie_margin) {
+        if p.finite(&format!("{key}.tie_margin"), self.tie_margin) && !(0.0..1.0).contains(&self.tie_margin) {
             p.push(&format!("{key}.tie_margin"), format!("must be in [0, 1), got {}", self.tie_margin));
         }
         let l = &self.labels;

@@ -18,7 +18,7 @@ use mistralrs::{CustomLogitsProcessor, RequestBuilder, Tensor, TextMessageRole};
 use super::templates::Templates;
 use super::verdict::{self, Labels};
 use super::{Comparison, Judge, JudgeConfig, JudgeOutput, Judgement, RatingOutput, VerdictMode};
-use crate::config::ModelConfig;
+use crate::model::ModelConfig;
 use crate::engine::{EngineConfig, MistralEngine};
 
 /// Captures the full logits of the first position it is called at, passing them through.

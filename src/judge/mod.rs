@@ -4,7 +4,6 @@
 pub mod config;
 pub mod embedded;
 pub mod openai;
-pub mod scripted;
 pub mod templates;
 pub mod verdict;
 
@@ -112,7 +111,7 @@ impl JudgeOutput {
 
 /// Builds the judge `[judge]` describes; `policy` is the `[model]` section, used by an embedded
 /// judge that has no model of its own.
-pub async fn from_config(judge: &JudgeConfig, policy: &crate::config::ModelConfig) -> Result<Arc<dyn Judge>> {
+pub async fn from_config(judge: &JudgeConfig, policy: &crate::model::ModelConfig) -> Result<Arc<dyn Judge>> {
     Ok(match judge.kind {
         JudgeKind::Openai => Arc::new(OpenAiJudge::new(judge)?),
         JudgeKind::Embedded => Arc::new(EmbeddedJudge::load(judge, &judge.embedded_model(policy)).await?),

@@ -84,11 +84,16 @@ struct Reply {
     top: Option<Vec<(String, f64)>>,
 }
 
+/// Longer than any `judge.openai.max_retry_after_secs` may be (30 days).
+const RETRY_AFTER_CAP_SECS: f64 = 2.0 * crate::validate::MAX_SECS;
+
 /// `Retry-After` as seconds or an HTTP date.
 pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        // Any size a server sends: capped far above every wait we would accept, so it is refused
+        // as too long instead of overflowing a Duration (which panics).
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(RETRY_AFTER_CAP_SECS)));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -530,6 +535,15 @@ mod tests {
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-1", now), None);
+        // Remote input never panics: huge values are capped (and then refused as too long).
+        for huge in ["1e20", "1e308", "18446744073709551616"] {
+            let d = parse_retry_after(huge, now).unwrap();
+            assert!(d.as_secs_f64() > crate::validate::MAX_SECS, "{huge}: {d:?}");
+        }
+        assert_eq!(parse_retry_after("inf", now), None);
+        assert_eq!(parse_retry_after("NaN", now), None);
+        let far = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_000));
+        assert!(parse_retry_after(&far, now).is_some());
     }
 
     #[test]

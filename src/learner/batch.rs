@@ -75,15 +75,27 @@ pub enum Entropy {
     Grad,
 }
 
+/// `t` in f32 (the same tensor when it already is); differentiable.
+pub fn as_f32(t: &Tensor) -> Tensor {
+    if t.kind() == Kind::Float {
+        t.shallow_clone()
+    } else {
+        t.to_kind(Kind::Float)
+    }
+}
+
 /// ln softmax(h W^T * inv_t)[target] and the entropy of that distribution, `chunk` rows at a time.
+/// The product is taken in f32 whatever the weights' dtype: bf16 logits carry about three
+/// significant digits, and a log-prob (and the PPO ratio) read from them is off by as much.
 pub fn token_stats(h: &Tensor, w: &Tensor, targets: &Tensor, inv_t: f64, chunk: usize, entropy: Entropy) -> (Tensor, Option<Tensor>) {
     let n = h.size()[0];
+    let (w, h) = (as_f32(w), as_f32(h));
     let chunk = chunk.max(1) as i64;
     let (mut lps, mut ents) = (Vec::new(), Vec::new());
     let mut s = 0;
     while s < n {
         let len = chunk.min(n - s);
-        let logits = h.narrow(0, s, len).matmul(&w.tr()).to_kind(Kind::Float);
+        let logits = h.narrow(0, s, len).matmul(&w.tr());
         let logits = if inv_t != 1.0 { logits * inv_t } else { logits };
         let lse = logits.logsumexp(-1, true);
         let tgt = targets.narrow(0, s, len).unsqueeze(1);

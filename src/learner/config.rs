@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::loss::{Aggregation, KlEstimator};
 use super::lora::LoraConfig;
 use super::optim::Schedule;
-use crate::config::Problems;
+use crate::validate::Problems;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -17,7 +17,7 @@ pub enum Algorithm {
     Grpo,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LearnerDType {
     #[default]
@@ -47,6 +47,9 @@ pub struct LearnerConfig {
     pub weight_decay: f64,
     /// Global gradient-norm clip; 0 disables it.
     pub max_grad_norm: f64,
+    /// Optimizer steps in a row whose gradient norm is NaN or infinite (each one skipped, the
+    /// weights untouched) before the run stops with an error instead of going on.
+    pub max_skipped_steps: u64,
 
     /// Passes over each batch of trajectories.
     pub ppo_epochs: usize,
@@ -98,6 +101,7 @@ impl Default for LearnerConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
+            max_skipped_steps: 3,
             ppo_epochs: 1,
             mini_batches: 1,
             micro_batch_tokens: 4096,
@@ -139,6 +143,9 @@ impl LearnerConfig {
         p.positive(&k("eps"), self.eps);
         p.at_least(&k("weight_decay"), self.weight_decay, 0.0);
         p.at_least(&k("max_grad_norm"), self.max_grad_norm, 0.0);
+        if self.max_skipped_steps == 0 {
+            p.push(&k("max_skipped_steps"), "must be >= 1, got 0");
+        }
         for (n, v) in [
             ("ppo_epochs", self.ppo_epochs),
             ("mini_batches", self.mini_batches),
@@ -176,6 +183,11 @@ impl LearnerConfig {
             LearnerDType::Bf16 => tch::Kind::BFloat16,
         }
     }
+}
+
+/// `--device` for the command line: cpu, cuda or cuda:N, with the accepted forms in the error.
+pub fn device_arg(s: &str) -> Result<String, String> {
+    parse_device(s).map(|_| s.to_string()).ok_or_else(|| format!("possible values: cpu, cuda, cuda:N; got {s:?}"))
 }
 
 pub fn parse_device(s: &str) -> Option<tch::Device> {

@@ -83,18 +83,30 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
-/// A contiguous CPU tensor seen as safetensors bytes without copying them.
-struct TchView {
-    t: Tensor,
+/// A tensor to write: ready, or made when the writer reaches it (a LoRA merge), so an export
+/// holds one tensor's merged and host copies at a time instead of the whole model's.
+pub enum Source<'a> {
+    Ready(Tensor),
+    Lazy { shape: Vec<i64>, kind: Kind, make: Box<dyn Fn() -> Tensor + 'a> },
+}
+
+/// One tensor as the safetensors writer sees it. Its bytes are produced when the writer asks for
+/// them, one tensor after another: borrowed straight from storage for a contiguous CPU tensor,
+/// copied to the host otherwise (a GPU tensor, a lazy merge).
+struct TchView<'a> {
+    src: Source<'a>,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
     len: usize,
 }
 
-impl TchView {
-    fn new(name: &str, t: &Tensor) -> Result<Self> {
-        let t = t.detach().to_device(Device::Cpu).contiguous();
-        let dtype = match t.kind() {
+impl<'a> TchView<'a> {
+    fn new(name: &str, src: Source<'a>) -> Result<Self> {
+        let (kind, size) = match &src {
+            Source::Ready(t) => (t.kind(), t.size()),
+            Source::Lazy { shape, kind, .. } => (*kind, shape.clone()),
+        };
+        let dtype = match kind {
             Kind::Float => safetensors::Dtype::F32,
             Kind::BFloat16 => safetensors::Dtype::BF16,
             Kind::Half => safetensors::Dtype::F16,
@@ -102,13 +114,13 @@ impl TchView {
             Kind::Int64 => safetensors::Dtype::I64,
             k => bail!("tensor {name}: cannot save kind {k:?}"),
         };
-        let shape = t.size().iter().map(|&x| x as usize).collect();
-        let len = t.numel() * t.kind().elt_size_in_bytes();
-        Ok(Self { t, dtype, shape, len })
+        let shape: Vec<usize> = size.iter().map(|&x| x as usize).collect();
+        let len = shape.iter().product::<usize>() * kind.elt_size_in_bytes();
+        Ok(Self { src, dtype, shape, len })
     }
 }
 
-impl safetensors::View for &TchView {
+impl safetensors::View for &TchView<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         self.dtype
     }
@@ -119,9 +131,22 @@ impl safetensors::View for &TchView {
         if self.len == 0 {
             return std::borrow::Cow::Borrowed(&[]);
         }
-        // SAFETY: `t` is a contiguous CPU tensor owned by `self`, so its storage holds `len`
-        // initialised bytes at `data_ptr` for as long as the borrow of `self`.
-        std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.t.data_ptr() as *const u8, self.len) })
+        if let Source::Ready(t) = &self.src {
+            if t.device() == Device::Cpu && t.is_contiguous() {
+                // SAFETY: `t` is a contiguous CPU tensor owned by `self`, so its storage holds
+                // `len` initialised bytes at `data_ptr` for as long as the borrow of `self`.
+                return std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, self.len) });
+            }
+        }
+        let _g = tch::no_grad_guard();
+        let t = match &self.src {
+            Source::Ready(t) => t.detach(),
+            Source::Lazy { make, .. } => make(),
+        };
+        let t = t.to_device(Device::Cpu).contiguous();
+        let mut bytes = vec![0u8; self.len];
+        t.copy_data_u8(&mut bytes, t.numel());
+        std::borrow::Cow::Owned(bytes)
     }
     fn data_len(&self) -> usize {
         self.len
@@ -133,22 +158,26 @@ pub fn write_all(path: &Path, tensors: &[(String, Tensor)], metadata: Option<std
     write_tensors(path, tensors, metadata, true)
 }
 
-/// As [`write_all`] without fsync: for files that are rebuilt after a crash anyway (the weight
-/// exports the engine reloads), where waiting for the disk would only slow the sync.
-pub fn write_all_unsynced(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    write_tensors(path, tensors, None, false)
-}
-
-/// Streams the tensors' bytes straight from their storage into a temporary sibling, then
-/// renames it over `path`.
 fn write_tensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: Option<std::collections::HashMap<String, String>>,
     durable: bool,
 ) -> Result<()> {
+    let sources = tensors.iter().map(|(n, t)| (n.clone(), Source::Ready(t.shallow_clone()))).collect();
+    write_sources(path, sources, metadata, durable)
+}
+
+/// Streams the tensors into a temporary sibling, one tensor's bytes at a time, then renames it
+/// over `path` (fsynced when `durable`).
+pub fn write_sources(
+    path: &Path,
+    sources: Vec<(String, Source<'_>)>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    durable: bool,
+) -> Result<()> {
     let views: Vec<(String, TchView)> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), TchView::new(n, t)?))).collect::<Result<_>>()?;
+        sources.into_iter().map(|(n, s)| Ok((n.clone(), TchView::new(&n, s)?))).collect::<Result<_>>()?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();

@@ -10,7 +10,7 @@ use serde_json::json;
 use tch::Tensor;
 
 use super::model::Fwd;
-use crate::config::Problems;
+use crate::validate::Problems;
 
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 

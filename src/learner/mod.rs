@@ -34,6 +34,7 @@ pub use model::{CausalLm, Fwd};
 
 use batch::{pack, split_by_tokens, token_stats, trunk_backward, trunk_forward, Entropy};
 use optim::{AdamW, AdamWConfig};
+use crate::seed::mix;
 
 /// One scored rollout: what the update may learn from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,19 +48,6 @@ pub struct Trajectory {
     pub group: u64,
 }
 
-impl Trajectory {
-    /// A rollout with the reward the judge gave it. Unscored rollouts have no reward and so no
-    /// trajectory.
-    pub fn from_rollout(r: &crate::engine::Rollout, reward: f64, group: u64) -> Self {
-        Self {
-            prompt_ids: r.prompt_ids.clone(),
-            response_ids: r.ids.clone(),
-            behaviour_logprobs: r.logprobs.clone(),
-            reward,
-            group,
-        }
-    }
-}
 
 /// Averages over the update's optimizer steps (token- or sequence-weighted like the loss).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -75,7 +63,10 @@ pub struct UpdateStats {
     pub grad_norm: f64,
     /// Learning rate of the last optimizer step.
     pub lr: f64,
+    /// Optimizer steps applied.
     pub optimizer_steps: u64,
+    /// Optimizer steps skipped because the gradient norm was NaN or infinite.
+    pub skipped_steps: u64,
     pub trajectories: usize,
     pub tokens: usize,
     pub mean_reward: f64,
@@ -136,18 +127,35 @@ pub struct Learner {
     opt: AdamW,
     /// `update` calls completed; with `seed` it fixes every random draw of the next update.
     updates: u64,
+    /// Optimizer steps skipped in a row (non-finite gradients), across updates.
+    skipped_in_a_row: u64,
 }
 
-fn mix(a: u64, b: u64) -> u64 {
-    let mut x = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// The learner stopped: too many optimizer steps in a row had a NaN or infinite gradient norm.
+/// The weights are those of the last good step, so the newest checkpoint is clean.
+#[derive(Debug, Clone)]
+pub struct Diverged {
+    pub skipped_in_a_row: u64,
+    pub last_grad_norm: f64,
 }
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "training diverged: {} optimizer steps in a row had a non-finite gradient norm (last {}); \
+             every one was skipped, so the weights and the newest checkpoint are from the last good step. \
+             Lower learner.lr or learner.max_grad_norm, or check the rewards, then resume",
+            self.skipped_in_a_row, self.last_grad_norm
+        )
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 impl Learner {
     pub fn new(cfg: &LearnerConfig, model_dir: &Path, seed: u64) -> Result<Self> {
-        let mut p = crate::config::Problems::default();
+        let mut p = crate::validate::Problems::default();
         cfg.validate("learner", &mut p);
         ensure!(p.0.is_empty(), "{}", p.0.join("\n  "));
         if cfg.threads > 0 {
@@ -175,7 +183,7 @@ impl Learner {
             params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
             AdamWConfig { beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay },
         );
-        Ok(Self { cfg: cfg.clone(), model_dir: model_dir.to_path_buf(), seed, policy, value_head, reference, params, opt, updates: 0 })
+        Ok(Self { cfg: cfg.clone(), model_dir: model_dir.to_path_buf(), seed, policy, value_head, reference, params, opt, updates: 0, skipped_in_a_row: 0 })
     }
 
     pub fn policy(&self) -> &CausalLm {
@@ -349,14 +357,26 @@ impl Learner {
                     self.cfg.min_lr_ratio,
                     self.opt.step,
                 );
-                norms += self.opt.step(lr, self.cfg.max_grad_norm);
+                let stepped = self.opt.step(lr, self.cfg.max_grad_norm);
+                if stepped.applied {
+                    norms += stepped.grad_norm;
+                    self.skipped_in_a_row = 0;
+                } else {
+                    stats.skipped_steps += 1;
+                    self.skipped_in_a_row += 1;
+                    if self.skipped_in_a_row >= self.cfg.max_skipped_steps {
+                        return Err(Diverged { skipped_in_a_row: self.skipped_in_a_row, last_grad_norm: stepped.grad_norm }.into());
+                    }
+                }
                 stats.lr = lr;
             }
         }
         self.updates += 1;
-        let steps = (self.opt.step - steps_before).max(1) as f64;
         stats.optimizer_steps = self.opt.step - steps_before;
-        stats.grad_norm = norms / steps;
+        // Losses average over every attempted step; the norm over the applied ones (None in the
+        // metrics when none was applied).
+        let steps = (stats.optimizer_steps + stats.skipped_steps).max(1) as f64;
+        stats.grad_norm = if stats.optimizer_steps > 0 { norms / stats.optimizer_steps as f64 } else { f64::NAN };
         stats.loss = acc.loss / steps;
         stats.policy_loss = acc.policy / steps;
         stats.value_loss = acc.value / steps;
@@ -391,7 +411,8 @@ impl Learner {
         let trunk = trunk_forward(lm, &mb.ids, f, self.cfg.activation_recompute, seed);
         let sel = trunk.h().view([-1, lm.cfg.hidden_size as i64]).index_select(0, &mb.pred_pos);
         let hd = sel.detach().set_requires_grad(true);
-        let w_head = lm.lm_head_weight();
+        // Cast once here rather than in every chunk (token_stats works in f32).
+        let w_head = &batch::as_f32(lm.lm_head_weight());
         let chunk = self.cfg.logprob_chunk as i64;
         let want_ent = self.cfg.entropy_coef > 0.0;
         let entropy = if want_ent { Entropy::Grad } else { Entropy::Value };

@@ -13,7 +13,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::lora::{Linear, LoraConfig};
-pub use super::io::{copy_checked, for_each_tensor, read_all, weight_files, write_all, write_all_unsynced};
+pub use super::io::{copy_checked, for_each_tensor, read_all, weight_files, write_all};
 
 fn default_eps() -> f64 {
     1e-6

@@ -45,6 +45,15 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// What one [`AdamW::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stepped {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// False when the norm was not finite and nothing was changed.
+    pub applied: bool,
+}
+
 struct Slot {
     name: String,
     param: Tensor,
@@ -94,10 +103,14 @@ impl AdamW {
         sq.sqrt()
     }
 
-    /// Clips gradients to global norm `max_norm` (if > 0), takes one step at `lr`; returns the
-    /// pre-clip norm.
-    pub fn step(&mut self, lr: f64, max_norm: f64) -> f64 {
+    /// Clips gradients to global norm `max_norm` (if > 0) and takes one step at `lr`. A NaN or
+    /// infinite norm (`norm > max_norm` is false for NaN, so clipping cannot catch it) skips the
+    /// step: parameters, master copies, moments and the step count stay as they were.
+    pub fn step(&mut self, lr: f64, max_norm: f64) -> Stepped {
         let norm = self.grad_norm();
+        if !norm.is_finite() {
+            return Stepped { grad_norm: norm, applied: false };
+        }
         let clip = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
         self.step += 1;
         let t = self.step as i32;
@@ -127,7 +140,7 @@ impl AdamW {
                 s.param.copy_(&p);
             }
         }
-        norm
+        Stepped { grad_norm: norm, applied: true }
     }
 
     /// Writes moments (and masters) as safetensors, with the step count in the metadata.
@@ -208,7 +221,7 @@ mod tests {
             opt.zero_grad();
             (&p * &p * 3.0).sum(Kind::Float).backward(); // grad 6x
             let g = 6.0 * x;
-            opt.step(lr, 0.0);
+            assert!(opt.step(lr, 0.0).applied);
             m = 0.9 * m + 0.1 * g;
             v = 0.99 * v + 0.01 * g * g;
             let mh = m / (1.0 - 0.9f64.powi(t));
@@ -218,16 +231,53 @@ mod tests {
         }
     }
 
+    /// With betas 0 and eps 1 the update is g / (|g| + 1) elementwise, which depends on the
+    /// gradient's scale: clipped (0.6, 0.8) and unclipped (3, 4) give different steps.
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let a = Tensor::from_slice(&[0.0f32, 0.0]).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![("a".into(), a.shallow_clone())], AdamWConfig { beta1: 0.0, beta2: 0.0, eps: 0.0, weight_decay: 0.0 });
-        (&a * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
-        assert!((opt.grad_norm() - 5.0).abs() < 1e-6);
-        // beta = 0, eps = 0: update = g / |g| elementwise = sign, so clipping is visible only in the norm report.
-        let n = opt.step(1.0, 1.0);
-        assert!((n - 5.0).abs() < 1e-6);
-        assert_eq!(Vec::<f32>::try_from(&a.detach()).unwrap(), vec![-1.0, -1.0]);
+        let cfg = AdamWConfig { beta1: 0.0, beta2: 0.0, eps: 1.0, weight_decay: 0.0 };
+        let moved = |max_norm: f64| {
+            let a = Tensor::from_slice(&[0.0f32, 0.0]).set_requires_grad(true);
+            let mut opt = AdamW::new(vec![("a".into(), a.shallow_clone())], cfg);
+            (&a * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
+            assert!((opt.grad_norm() - 5.0).abs() < 1e-6);
+            let s = opt.step(1.0, max_norm);
+            assert!(s.applied && (s.grad_norm - 5.0).abs() < 1e-6, "{s:?}");
+            Vec::<f32>::try_from(&a.detach()).unwrap()
+        };
+        let clipped = moved(1.0);
+        let want = [-0.6 / 1.6, -0.8 / 1.8];
+        for (got, want) in clipped.iter().zip(want) {
+            assert!((*got as f64 - want).abs() < 1e-5, "clipped step {clipped:?}, want {want:?}");
+        }
+        let unclipped = moved(0.0);
+        assert!((unclipped[0] as f64 + 0.75).abs() < 1e-5 && (unclipped[1] as f64 + 0.8).abs() < 1e-5, "{unclipped:?}");
+        // A max_norm above the norm leaves the gradient alone.
+        assert_eq!(moved(10.0), unclipped);
+    }
+
+    /// A NaN or infinite gradient changes nothing: not the weights, not the f32 masters of bf16
+    /// weights, not the moments, not the step count.
+    #[test]
+    fn non_finite_gradients_skip_the_step() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let w = Tensor::from_slice(&[1.0f32, 2.0]).to_kind(Kind::BFloat16).set_requires_grad(true);
+            let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+            let mut opt = AdamW::new(vec![("w".into(), w.shallow_clone())], cfg);
+            (&w * &w).sum(Kind::Float).backward();
+            assert!(opt.step(0.1, 1.0).applied);
+            let before = |o: &AdamW| (o.slots[0].m.copy(), o.slots[0].v.copy(), o.slots[0].master.as_ref().unwrap().copy());
+            let (m, v, master) = before(&opt);
+            let p = w.detach().copy();
+            opt.zero_grad();
+            (&w * Tensor::from_slice(&[bad, 1.0]).to_kind(Kind::BFloat16)).sum(Kind::Float).backward();
+            let s = opt.step(0.1, 1.0);
+            assert!(!s.applied && !s.grad_norm.is_finite(), "{s:?}");
+            assert_eq!(opt.step, 1);
+            assert!(w.detach().equal(&p), "weights changed");
+            assert!(opt.slots[0].m.equal(&m) && opt.slots[0].v.equal(&v), "moments changed");
+            assert!(opt.slots[0].master.as_ref().unwrap().equal(&master), "master changed");
+        }
     }
 
     #[test]
@@ -237,7 +287,7 @@ mod tests {
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], cfg);
         (&p * &p).sum(Kind::Float).backward();
-        opt.step(0.1, 0.0);
+        assert!(opt.step(0.1, 0.0).applied);
         let path = dir.path().join("opt.safetensors");
         opt.save(&path).unwrap();
         let q = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);

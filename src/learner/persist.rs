@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::lora::{is_adapter_name, peft_name, write_adapter_config};
+use super::io::{write_sources, Source};
+use super::lora::Linear;
 use super::model::{copy_checked, read_all, write_all, CausalLm};
 use super::Learner;
 
@@ -36,48 +38,18 @@ struct State {
     trainable: usize,
 }
 
-impl CausalLm {
-    /// Every base weight under its HF name, LoRA adapters merged in.
-    pub fn merged_weights(&self) -> Vec<(String, Tensor)> {
-        let mut merged = self.lora_merged();
-        let vars = self.vs.variables();
-        self.base_names()
-            .iter()
-            .map(|n| {
-                let t = merged.remove(n).unwrap_or_else(|| vars[n].detach());
-                (n.clone(), t)
-            })
-            .collect()
-    }
-
-    /// The base weights training can change, under their HF names: the LoRA-targeted
-    /// projections (merged) with adapters, every weight otherwise. A weight sync writes only
-    /// these; the rest (`frozen_weights`) is written once per run.
-    pub fn changed_weights(&self) -> Vec<(String, Tensor)> {
-        let merged = self.lora_merged();
-        if merged.is_empty() {
-            return self.merged_weights();
-        }
-        merged.into_iter().collect()
-    }
-
+/// The weights of an export, split by whether training can change them.
+pub struct WeightSplit<'a> {
+    /// The LoRA-targeted projections (merged when written) with adapters; every weight otherwise.
+    pub changed: Vec<(String, Source<'a>)>,
     /// The base weights training never changes (empty without LoRA).
-    pub fn frozen_weights(&self) -> Vec<(String, Tensor)> {
-        let merged = self.lora_merged();
-        if merged.is_empty() {
-            return Vec::new();
-        }
-        let vars = self.vs.variables();
-        self.base_names()
-            .iter()
-            .filter(|n| !merged.contains_key(*n))
-            .map(|n| (n.clone(), vars[n].detach()))
-            .collect()
-    }
+    pub frozen: Vec<(String, Source<'a>)>,
+}
 
-    /// Projections carrying an adapter, with the adapter merged in, by HF weight name.
-    fn lora_merged(&self) -> BTreeMap<String, Tensor> {
-        let mut merged: BTreeMap<String, Tensor> = BTreeMap::new();
+impl CausalLm {
+    /// Projections carrying an adapter, by HF weight name.
+    fn adapted(&self) -> BTreeMap<String, &Linear> {
+        let mut out = BTreeMap::new();
         for (i, l) in self.model.layers.iter().enumerate() {
             let a = &l.self_attn;
             let m = &l.mlp;
@@ -91,11 +63,39 @@ impl CausalLm {
                 ("mlp.down_proj", &m.down_proj),
             ] {
                 if lin.lora.is_some() {
-                    merged.insert(format!("model.layers.{i}.{n}.weight"), lin.merged_weight());
+                    out.insert(format!("model.layers.{i}.{n}.weight"), lin);
                 }
             }
         }
-        merged
+        out
+    }
+
+    /// Every base weight under its HF name, split into what training changes and what it does
+    /// not. Adapted projections are merged only when the writer reaches them, once per export.
+    pub fn weight_split(&self) -> WeightSplit<'_> {
+        let adapted = self.adapted();
+        let vars = self.vs.variables();
+        let mut split = WeightSplit { changed: Vec::new(), frozen: Vec::new() };
+        for n in self.base_names() {
+            match adapted.get(n) {
+                Some(&lin) => {
+                    let make: Box<dyn Fn() -> Tensor + '_> = Box::new(move || lin.merged_weight());
+                    let src = Source::Lazy { shape: lin.weight.size(), kind: lin.weight.kind(), make };
+                    split.changed.push((n.clone(), src));
+                }
+                None if adapted.is_empty() => split.changed.push((n.clone(), Source::Ready(vars[n].detach()))),
+                None => split.frozen.push((n.clone(), Source::Ready(vars[n].detach()))),
+            }
+        }
+        split
+    }
+
+    /// Every base weight under its HF name, LoRA adapters merged in (as they are written).
+    pub fn merged_weights(&self) -> Vec<(String, Source<'_>)> {
+        let WeightSplit { mut changed, frozen } = self.weight_split();
+        changed.extend(frozen);
+        changed.sort_by(|a, b| a.0.cmp(&b.0));
+        changed
     }
 
     /// LoRA adapter tensors under PEFT's names.
@@ -129,7 +129,33 @@ impl Learner {
     /// weights file last, so a reader never pairs new weights with a missing config.
     pub fn export(&self, dir: &Path) -> Result<()> {
         self.export_config(dir)?;
-        write_all(&dir.join("model.safetensors"), &self.policy.merged_weights(), None)
+        write_sources(&dir.join("model.safetensors"), self.policy.merged_weights(), None, true)
+    }
+
+    /// The weights of a sync export, split (see [`WeightSplit`]).
+    pub fn weight_split(&self) -> WeightSplit<'_> {
+        self.policy.weight_split()
+    }
+
+    /// Identifies the frozen weights: the source model's directory and weight files (path,
+    /// size, modification time) and which weights are frozen. A sync may reuse a frozen file
+    /// written under the same key only, so a changed `model.path` or LoRA target list (both can
+    /// change on resume with `--allow-config-change`) rewrites it.
+    pub fn frozen_key(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let dir = std::path::absolute(&self.model_dir).unwrap_or_else(|_| self.model_dir.clone());
+        h.update(dir.to_string_lossy().as_bytes());
+        for f in super::io::weight_files(&self.model_dir)? {
+            let m = std::fs::metadata(&f).with_context(|| format!("reading {}", f.display()))?;
+            let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+            h.update(format!("\n{}:{}:{}", f.display(), m.len(), mtime).as_bytes());
+        }
+        for (n, _) in self.policy.weight_split().frozen {
+            h.update(b"\n");
+            h.update(n.as_bytes());
+        }
+        Ok(format!("{:x}", h.finalize()))
     }
 
     /// Writes the model files of an HF directory except the weights: config.json and the

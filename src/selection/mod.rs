@@ -24,12 +24,12 @@ use serde::{Deserialize, Serialize};
 
 pub use answers::{read_answers, Answer};
 
-use crate::config::Problems;
+use crate::validate::Problems;
 use crate::data::Task;
 use crate::judge::{Comparison, Judge, JudgeHealth, Judgement, Verdict};
 use crate::progress::Progress;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum SelectionMode {
     #[default]

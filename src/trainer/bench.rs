@@ -14,11 +14,12 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Semaphore;
 
 use super::{prepare, sync, task_messages, Resume, RunOptions, Trainer};
-use crate::data::{write_tasks, References, Task};
+use crate::data::{write_tasks, References};
 use crate::engine::{GenRequest, SeedKey};
-use crate::judge::scripted::{rules, Behavior, ScriptedServer};
+use crate::testkit::letters::{letter_tasks, more_a_judge};
+use crate::testkit::scripted::{Behavior, ScriptedServer};
 use crate::reward::{self, RewardInput};
-use crate::tiny::TinySpec;
+use crate::testkit::tiny::TinySpec;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchRunArgs {
@@ -42,29 +43,6 @@ pub struct BenchRunArgs {
     /// Model to train instead of a tiny random one (an HF directory).
     #[arg(long)]
     pub model: Option<PathBuf>,
-}
-
-/// Tasks whose references contain more and more of the letter `a` (what the bench's and the
-/// tests' scripted judge rewards).
-pub fn letter_tasks(n: usize) -> Vec<Task> {
-    (0..n)
-        .map(|i| {
-            let refs = [2usize, 5, 9].iter().map(|&k| format!("{}{}", "a".repeat(k), " reference text".repeat(i % 3 + 1))).collect();
-            Task::new(format!("t{i:03}"), format!("Write a short text number {i} about the sea."), refs)
-        })
-        .collect()
-}
-
-/// Prefers the answer with more `a`s; a tie when equal. Deterministic, order-symmetric.
-pub fn more_a_judge() -> Behavior {
-    rules::verdict_by(|first, second| {
-        let (x, y) = (first.matches('a').count(), second.matches('a').count());
-        match x.cmp(&y) {
-            std::cmp::Ordering::Greater => crate::judge::Verdict::First,
-            std::cmp::Ordering::Less => crate::judge::Verdict::Second,
-            std::cmp::Ordering::Equal => crate::judge::Verdict::Tie,
-        }
-    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -31,7 +31,7 @@ use crate::config::{Config, OnJudgeDown};
 use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
 use crate::engine::{ChatMessage, Engine, FinishReason, GenRequest, MistralEngine, Role, Rollout, SeedKey};
-use crate::engine::sampler::splitmix64;
+use crate::seed::splitmix64;
 use crate::judge::{Judge, JudgeHealth};
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
@@ -40,10 +40,11 @@ use crate::reward::{self, RewardInput, RewardOutcome, RewardStats};
 use crate::rundir::{config_hash, RunDir};
 
 use record::{mean_std, samples_file, SampleRecord, StepRecord};
-use state::{TrainerState, LEARNER_DIR, POLICY_DIR};
+use crate::rundir::{LEARNER_DIR, POLICY_DIR};
+use state::TrainerState;
 use sync::Served;
 
-pub use prepare::{export_checkpoint, prepare, run_dir_for, Prepared, Resume, RunOptions};
+pub use prepare::{prepare, run_dir_for, Prepared, Resume, RunOptions};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +64,21 @@ pub fn task_messages(task: &Task) -> Vec<ChatMessage> {
     }
     m.push(ChatMessage::new(Role::User, &task.prompt));
     m
+}
+
+/// Why a canceled rollout is unscored: it was never sent to the judge.
+const CANCELED: &str = "generation canceled by the engine (not judged, not trained on)";
+
+/// A scored rollout as the learner takes it. Unscored (and canceled) rollouts have no reward
+/// and so no trajectory.
+pub fn trajectory(r: &Rollout, reward: f64, group: u64) -> Trajectory {
+    Trajectory {
+        prompt_ids: r.prompt_ids.clone(),
+        response_ids: r.ids.clone(),
+        behaviour_logprobs: r.logprobs.clone(),
+        reward,
+        group,
+    }
 }
 
 /// A rollout's key for seeded reward order (`position = random`).
@@ -417,6 +433,9 @@ impl Trainer {
                             let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
                             let key = reward_key(step, rollout.request, rollout.sample);
                             pending.push(async move {
+                                if rollout.finish_reason == FinishReason::Canceled {
+                                    return Judged { rollout, reward: RewardOutcome::unscored(CANCELED) };
+                                }
                                 let _permit = permits.acquire_owned().await.expect("semaphore open");
                                 let input = RewardInput {
                                     prompt: &task.prompt,
@@ -456,7 +475,7 @@ impl Trainer {
         let permits = Arc::new(Semaphore::new(self.cfg.run.judge_concurrency));
         for (pi, group) in groups.iter().enumerate() {
             for (si, j) in group.iter().enumerate() {
-                if !j.reward.is_unscored() {
+                if !j.reward.is_unscored() || j.rollout.finish_reason == FinishReason::Canceled {
                     continue;
                 }
                 let task = self.tasks[batch[pi]].clone();
@@ -574,7 +593,7 @@ impl Trainer {
             }
             let group_id = (step - 1) * self.cfg.run.batch_prompts as u64 + pi as u64;
             for j in scored {
-                trajs.push(Trajectory::from_rollout(&j.rollout, j.reward.reward.expect("scored"), group_id));
+                trajs.push(trajectory(&j.rollout, j.reward.reward.expect("scored"), group_id));
             }
         }
         let t_learn0 = Instant::now();
@@ -666,12 +685,14 @@ impl Trainer {
             clip_fraction: u.map(|u| u.clip_fraction),
             value_loss: u.map(|u| u.value_loss),
             policy_loss: u.map(|u| u.policy_loss),
-            grad_norm: u.map(|u| u.grad_norm),
+            grad_norm: u.map(|u| u.grad_norm).filter(|g| g.is_finite()),
+            skipped_steps: u.map(|u| u.skipped_steps).unwrap_or(0),
             lr: u.map(|u| u.lr),
             logprob_max_diff: u.map(|u| u.behaviour_logprob_max_diff),
             response_tokens_mean: gen_tokens as f64 / rollouts.max(1) as f64,
             response_tokens_max: lens.iter().copied().max().unwrap_or(0) as u64,
             truncated: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Length).count() as u64,
+            canceled: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Canceled).count() as u64,
             gen_tokens_per_s: gen_tokens as f64 / t_generate.max(1e-9),
             learn_tokens_per_s: u.map(|u| u.tokens as f64 / t_learn.max(1e-9)),
             judge_calls: groups.iter().flatten().map(|j| j.reward.calls.len() as u64).sum(),

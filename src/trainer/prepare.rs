@@ -1,7 +1,7 @@
 //! Everything `orchestrator run` settles before a model is loaded (options, config, tasks, run
 //! directory, the checkpoint to resume from), and exporting a finished checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
@@ -9,10 +9,8 @@ use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::curriculum::Curriculum;
 use crate::data::{read_tasks, References, Task};
-use crate::learner::Learner;
 use crate::rundir::RunDir;
 
-use super::state::LEARNER_DIR;
 
 /// Where a run starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,23 +56,6 @@ pub fn run_dir_for(opts: &RunOptions, cfg: &Config) -> PathBuf {
     cfg.run.root.join(name)
 }
 
-/// Writes the policy of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`, already
-/// verified by the caller) as an HF model directory with merged weights at `out`, for `eval` or
-/// serving elsewhere.
-pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
-    let ckpt = &ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
-    let run = ckpt
-        .parent()
-        .and_then(|p| p.parent())
-        .with_context(|| format!("{}: not inside a run directory", ckpt.display()))?;
-    let cfg_path = run.join(crate::rundir::CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
-    let mut learner = Learner::new(&cfg.learner, &cfg.model.path, cfg.run.seed)?;
-    learner.load(&ckpt.join(LEARNER_DIR))?;
-    learner.export(out)
-}
-
 /// Everything read and checked before any model is loaded.
 pub struct Prepared {
     pub cfg: Config,
@@ -107,7 +88,7 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
     }
     let root = run_dir_for(opts, &cfg);
     let ckpts_dir = root.join("checkpoints");
-    let mut warnings = Vec::new();
+    let mut warnings = cfg.warnings();
     let checkpoint = match &opts.resume {
         Resume::Never => {
             let has_ckpt = ckpts_dir.is_dir() && !Checkpoints::open(&ckpts_dir)?.steps()?.is_empty();

@@ -38,6 +38,9 @@ pub struct StepRecord {
     pub value_loss: Option<f64>,
     pub policy_loss: Option<f64>,
     pub grad_norm: Option<f64>,
+    /// Optimizer steps skipped for a NaN or infinite gradient norm (weights left untouched).
+    #[serde(default)]
+    pub skipped_steps: u64,
     pub lr: Option<f64>,
     /// max |engine ln p - learner ln p| before the update (on-policy check).
     pub logprob_max_diff: Option<f64>,
@@ -45,6 +48,9 @@ pub struct StepRecord {
     pub response_tokens_max: u64,
     /// Rollouts cut by `max_new_tokens`.
     pub truncated: u64,
+    /// Rollouts the engine canceled: counted in `unscored` too, never judged or trained on.
+    #[serde(default)]
+    pub canceled: u64,
     pub gen_tokens_per_s: f64,
     pub learn_tokens_per_s: Option<f64>,
     pub judge_calls: u64,

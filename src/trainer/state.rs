@@ -21,8 +21,6 @@ use crate::curriculum::CurriculumState;
 use crate::data::SamplerCursor;
 
 pub const TRAINER_FILE: &str = "trainer.json";
-pub const LEARNER_DIR: &str = "learner";
-pub const POLICY_DIR: &str = "policy";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {

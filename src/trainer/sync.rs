@@ -4,7 +4,9 @@
 //! (`model.safetensors`); with LoRA it is the adapted projections with the adapters merged in
 //! (`model-00002-of-00002.safetensors`), while the untouched weights are written once per run
 //! (`frozen.safetensors`) and hard-linked into each export as `model-00001-of-00002.safetensors`
-//! (mistral.rs loads every `model-N-of-M` file of a directory). An export is built in a staging
+//! (mistral.rs loads every `model-N-of-M` file of a directory). `frozen.key` names what the
+//! frozen file was written from (model files, frozen weight names); a run resumed with another
+//! `model.path` or LoRA target list writes it again. An export is built in a staging
 //! directory, renamed to `step-NNNNNN`, the engine reloads from it, and the previous export is
 //! deleted. mistral.rs cannot swap in a LoRA adapter at run time, so the merged weights go over.
 
@@ -14,10 +16,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::engine::Engine;
-use crate::learner::model::{write_all, write_all_unsynced};
+use crate::learner::io::write_sources;
 use crate::learner::Learner;
 
 const FROZEN: &str = "frozen.safetensors";
+const FROZEN_KEY: &str = "frozen.key";
 const SINGLE: &str = "model.safetensors";
 const SHARD_FROZEN: &str = "model-00001-of-00002.safetensors";
 const SHARD_TRAINED: &str = "model-00002-of-00002.safetensors";
@@ -52,23 +55,26 @@ pub fn export(learner: &Learner, root: &Path, step: u64) -> Result<(PathBuf, Exp
     for e in std::fs::read_dir(&staging)? {
         out.bytes += file_bytes(&e?.path());
     }
-    let frozen = learner.policy().frozen_weights();
-    let changed = learner.policy().changed_weights();
-    if frozen.is_empty() {
+    let split = learner.weight_split();
+    if split.frozen.is_empty() {
         let p = staging.join(SINGLE);
-        write_all_unsynced(&p, &changed)?;
+        write_sources(&p, split.changed, None, false)?;
         out.bytes += file_bytes(&p);
     } else {
         let fp = root.join(FROZEN);
-        if !fp.is_file() {
-            // Kept across restarts, so written durably.
-            write_all(&fp, &frozen, None)?;
+        let kp = root.join(FROZEN_KEY);
+        let key = learner.frozen_key()?;
+        if !(fp.is_file() && std::fs::read_to_string(&kp).is_ok_and(|k| k == key)) {
+            // Kept across restarts, so written durably, and its key only after it.
+            let _ = std::fs::remove_file(&kp);
+            write_sources(&fp, split.frozen, None, true)?;
+            crate::fsutil::atomic_write(&kp, key.as_bytes())?;
             out.frozen_bytes = file_bytes(&fp);
         }
         std::fs::hard_link(&fp, staging.join(SHARD_FROZEN))
             .with_context(|| format!("linking {} into {}", fp.display(), staging.display()))?;
         let p = staging.join(SHARD_TRAINED);
-        write_all_unsynced(&p, &changed)?;
+        write_sources(&p, split.changed, None, false)?;
         out.bytes += file_bytes(&p);
     }
     let fin = export_dir(root, step);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use orchestrator::config::Config;
-use orchestrator::tiny::TinySpec;
+use orchestrator::testkit::tiny::TinySpec;
 
 static INIT: Once = Once::new();
 

@@ -14,7 +14,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use orchestrator::judge::scripted::{Behavior, ScriptedServer, rules};
+//! use orchestrator::testkit::scripted::{Behavior, ScriptedServer, rules};
 //! let server = ScriptedServer::start(rules::prefer_containing("lighthouse")).await?;
 //! server.push(Behavior::rate_limited_secs(1)); // the first request gets a 429
 //! let base_url = server.base_url(); // "http://127.0.0.1:PORT/v1"
@@ -40,7 +40,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use super::Verdict;
+use crate::judge::Verdict;
 
 /// What the server does with one request.
 #[derive(Clone)]
@@ -503,7 +503,7 @@ pub mod rules {
     pub fn obey_last_tag() -> Behavior {
         Behavior::rule(|req| {
             let prompt = req.prompt();
-            let v = super::super::verdict::last_tag(&prompt).unwrap_or(Verdict::Tie);
+            let v = crate::judge::verdict::last_tag(&prompt).unwrap_or(Verdict::Tie);
             verdict_reply(req, v)
         })
     }
