@@ -265,7 +265,7 @@ impl Config {
     /// Settings that are valid but probably not what the user wants, one line each.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        if self.run.sync_every > 1 {
+        if self.run.sync_every > 1 && self.learner.is_correction == crate::learner::config::IsCorrection::None {
             let algo = match self.learner.algorithm {
                 crate::learner::Algorithm::Ppo => "ppo",
                 crate::learner::Algorithm::Grpo => "grpo",
@@ -273,7 +273,7 @@ impl Config {
             w.push(format!(
                 "run.sync_every = {} with learner.algorithm = \"{algo}\": rollouts come from weights up to {} updates \
                  old, but the clipped ratio's old log-probs are the learner's current ones, so the update is \
-                 off-policy and uncorrected (no importance correction yet); use sync_every = 1",
+                 off-policy and uncorrected; set learner.is_correction = \"token-tis\" or sync_every = 1",
                 self.run.sync_every,
                 self.run.sync_every - 1
             ));

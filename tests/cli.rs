@@ -190,6 +190,8 @@ fn sync_every_above_one_warns_that_updates_are_off_policy() {
     let out = check("[run]\nsync_every = 3\n[learner]\nalgorithm = \"ppo\"\n");
     assert!(out.contains("warning: run.sync_every = 3 with learner.algorithm = \"ppo\"") && out.contains("off-policy"), "{out}");
     assert!(!check("[run]\nsync_every = 1\n[learner]\nalgorithm = \"ppo\"\n").contains("warning"));
+    // Corrected with the engine's behaviour log-probs: no warning.
+    assert!(!check("[run]\nsync_every = 3\n[learner]\nis_correction = \"token-tis\"\n").contains("warning"));
     // GRPO takes the same clipped ratio from the learner's log-probs.
     assert!(check("[run]\nsync_every = 2\n[learner]\nalgorithm = \"grpo\"\n").contains("warning: run.sync_every = 2"));
 }

@@ -622,3 +622,45 @@ fn bf16_head_parity_on_a_real_model() {
     let (nm, na) = stats(&new);
     println!("{} tokens of {}: |ln p(bf16) - ln p(f32)| max/mean: bf16 head {om:.4}/{oa:.4}, f32 head {nm:.4}/{na:.4}", response.len(), dir.display());
 }
+
+/// Truncated importance sampling with the engine's behaviour log-probs: on-policy the weights
+/// are 1 (ratio within 1e-4) and the update is the uncorrected one; with rollouts from older
+/// weights the mismatch shows, the correction changes the update, and ratios above the cap are
+/// truncated and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_tis_is_one_on_policy_and_engages_off_policy() {
+    use orchestrator::learner::config::IsCorrection;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::llama(95));
+    let ts = scored(&rollouts(&dir, 4, 1.0, 12).await);
+    let base = LearnerConfig { lr: 1e-2, algorithm: Algorithm::Grpo, ..cfg() };
+    let tis = LearnerConfig { is_correction: IsCorrection::TokenTis, is_cap: 2.0, ..base.clone() };
+
+    // On-policy: same weights in the engine and the learner.
+    let (mut a, mut b) = (Learner::new(&base, &dir, 0).unwrap(), Learner::new(&tis, &dir, 0).unwrap());
+    let (sa, sb) = (a.update(&ts, 1.0).unwrap(), b.update(&ts, 1.0).unwrap());
+    assert!(sb.behaviour_logprob_max_diff < 1e-4, "{sb:?}");
+    assert!(sb.is_mismatch_kl.abs() < 1e-5 && sb.is_clipped_share == 0.0, "{sb:?}");
+    // Same loss and gradient (Adam would magnify 1e-6 differences of near-zero gradients, so the
+    // gradient norm is compared rather than the weights).
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-4 * x.abs().max(1e-3);
+    assert!(close(sa.loss, sb.loss) && close(sa.grad_norm, sb.grad_norm), "on-policy TIS changed the update: {sa:?} vs {sb:?}");
+
+    // Off-policy: the learners moved, the rollouts did not. Shift some behaviour log-probs down
+    // by 3 so their ratio exp(3) > cap is truncated.
+    let mut stale = ts.clone();
+    let mut shifted = 0;
+    for t in stale.iter_mut().step_by(3) {
+        for lp in t.behaviour_logprobs.iter_mut().step_by(2) {
+            *lp -= 3.0;
+            shifted += 1;
+        }
+    }
+    let tokens: usize = stale.iter().map(|t| t.response_ids.len()).sum();
+    let (sa, sb) = (a.update(&stale, 1.0).unwrap(), b.update(&stale, 1.0).unwrap());
+    println!("off-policy: mismatch KL {:.4}, clipped share {:.3} ({shifted} of {tokens} tokens shifted)", sb.is_mismatch_kl, sb.is_clipped_share);
+    assert!(sb.is_mismatch_kl.abs() > 0.05, "the learner moved and mu was shifted: {sb:?}");
+    assert!(sb.is_clipped_share >= shifted as f64 / tokens as f64 - 1e-9, "{sb:?}");
+    assert_eq!(sa.is_clipped_share, sb.is_clipped_share, "measured either way");
+    assert!(!close(sa.grad_norm, sb.grad_norm), "the correction must change an off-policy update: {sa:?} vs {sb:?}");
+}

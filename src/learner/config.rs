@@ -80,8 +80,23 @@ pub struct LearnerConfig {
     pub kl_coef: f64,
     pub kl_estimator: KlEstimator,
     pub entropy_coef: f64,
+    /// Off-policy correction with the engine's behaviour log-probs mu: `token-tis` weights each
+    /// token's clipped-surrogate loss by min(exp(ln pi_old - ln mu), is_cap) (truncated
+    /// importance sampling). It corrects rollouts from older weights (`run.sync_every > 1`) and
+    /// engine/learner numeric mismatch.
+    pub is_correction: IsCorrection,
+    /// Truncation of the token-TIS weight (>= 1).
+    pub is_cap: f64,
 
     pub lora: LoraConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsCorrection {
+    #[default]
+    None,
+    TokenTis,
 }
 
 impl Default for LearnerConfig {
@@ -119,6 +134,8 @@ impl Default for LearnerConfig {
             kl_coef: 0.0,
             kl_estimator: KlEstimator::K1,
             entropy_coef: 0.0,
+            is_correction: IsCorrection::None,
+            is_cap: 2.0,
             lora: LoraConfig::default(),
         }
     }
@@ -143,6 +160,9 @@ impl LearnerConfig {
         p.positive(&k("eps"), self.eps);
         p.at_least(&k("weight_decay"), self.weight_decay, 0.0);
         p.at_least(&k("max_grad_norm"), self.max_grad_norm, 0.0);
+        if p.finite(&k("is_cap"), self.is_cap) && self.is_cap < 1.0 {
+            p.push(&k("is_cap"), format!("must be >= 1, got {}", self.is_cap));
+        }
         if self.max_skipped_steps == 0 {
             p.push(&k("max_skipped_steps"), "must be >= 1, got 0");
         }

@@ -50,6 +50,8 @@ pub struct PolicyLoss {
 
 /// PPO clipped surrogate, per token: max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old).
 /// With `dual_clip = Some(c)` (c > 1), tokens with A < 0 are further bounded by -A c (Ye et al. 2020).
+/// `is_weight` (no gradient) scales each token's term: the truncated importance weight of the
+/// behaviour policy (see [`tis_weights`]).
 pub fn ppo_policy_loss(
     logp: &Tensor,
     old_logp: &Tensor,
@@ -57,6 +59,7 @@ pub fn ppo_policy_loss(
     weight: &Tensor,
     clip: f64,
     dual_clip: Option<f64>,
+    is_weight: Option<&Tensor>,
 ) -> PolicyLoss {
     let ratio = (logp - old_logp).exp();
     let pg1 = -(adv * &ratio);
@@ -68,7 +71,32 @@ pub fn ppo_policy_loss(
         let neg = adv.lt(0.0);
         pg = pg.minimum(&bound).where_self(&neg, &pg);
     }
+    if let Some(w) = is_weight {
+        pg = pg * w;
+    }
     PolicyLoss { loss: (pg * weight).sum(Kind::Float), clip_fraction: (clipped * weight).sum(Kind::Float) }
+}
+
+/// Truncated importance weights per token, min(exp(ln pi_old - ln mu), cap), for tokens sampled
+/// by a behaviour policy mu (the engine) and scored by the learner's pi_old; with the share of
+/// tokens truncated and the mean k1 estimate of KL(mu || pi_old) (ln mu - ln pi_old on tokens
+/// drawn from mu).
+pub fn tis_weights(old_logp: &[f32], behaviour: &[f32], cap: f64) -> (Vec<f32>, usize, f64) {
+    let mut clipped = 0;
+    let mut kl = 0.0;
+    let w = old_logp
+        .iter()
+        .zip(behaviour)
+        .map(|(&o, &b)| {
+            kl += (b - o) as f64;
+            let r = ((o - b) as f64).exp();
+            if r > cap {
+                clipped += 1;
+            }
+            r.min(cap) as f32
+        })
+        .collect();
+    (w, clipped, kl)
 }
 
 /// Clipped value loss (PPO2): 0.5 max((v - R)^2, (v_old + clip(v - v_old, -c, c) - R)^2).
@@ -182,23 +210,23 @@ mod tests {
         let old = t(&[0.0, 0.0, 0.0]);
         let adv = t(&[1.0, -2.0, 0.5]);
         let w = t(&[1.0 / 3.0; 3]);
-        let out = ppo_policy_loss(&logp, &old, &adv, &w, 0.2, None);
+        let out = ppo_policy_loss(&logp, &old, &adv, &w, 0.2, None, None);
         let want = (-1.2 + 1.6 - 0.5 * 0.1f64.exp()) / 3.0;
         assert!((f(&out.loss) - want).abs() < 1e-6, "{} vs {want}", f(&out.loss));
         assert!((f(&out.clip_fraction) - 2.0 / 3.0).abs() < 1e-6);
         // Dual clip c = 1.5 bounds the A<0 token at -A c = 3 ... only when the loss exceeds it:
         // logp = 2 for A = -2: -A r = 2 e^2 = 14.78 -> bounded to 3.
         let logp = t(&[2.0]);
-        let out = ppo_policy_loss(&logp, &t(&[0.0]), &t(&[-2.0]), &t(&[1.0]), 0.2, Some(1.5));
+        let out = ppo_policy_loss(&logp, &t(&[0.0]), &t(&[-2.0]), &t(&[1.0]), 0.2, Some(1.5), None);
         assert!((f(&out.loss) - 3.0).abs() < 1e-6);
-        let out = ppo_policy_loss(&logp, &t(&[0.0]), &t(&[-2.0]), &t(&[1.0]), 0.2, None);
+        let out = ppo_policy_loss(&logp, &t(&[0.0]), &t(&[-2.0]), &t(&[1.0]), 0.2, None, None);
         assert!((f(&out.loss) - 2.0 * 2f64.exp()).abs() < 1e-4);
     }
 
     #[test]
     fn ppo_gradient_is_minus_advantage_times_ratio_when_unclipped() {
         let logp = t(&[0.05]).set_requires_grad(true);
-        let out = ppo_policy_loss(&logp, &t(&[0.0]), &t(&[2.0]), &t(&[1.0]), 0.2, None);
+        let out = ppo_policy_loss(&logp, &t(&[0.0]), &t(&[2.0]), &t(&[1.0]), 0.2, None, None);
         out.loss.backward();
         let g = f(&logp.grad().squeeze());
         assert!((g + 2.0 * 0.05f64.exp()).abs() < 1e-6, "{g}");
@@ -257,5 +285,24 @@ mod tests {
         assert_eq!((w[0][0], w[1][0]), (0.25, 0.125));
         let s: f32 = w.iter().flatten().sum();
         assert!((s - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn tis_weights_truncate_and_measure_the_mismatch() {
+        let old = [-1.0f32, -2.0, -0.5, -3.0];
+        let mu = [-1.0f32, -1.0, -2.0, -3.5];
+        let (w, clipped, kl) = tis_weights(&old, &mu, 2.0);
+        let want = [1.0, (-1.0f64).exp(), 1.5f64.exp().min(2.0), 0.5f64.exp()];
+        for (a, b) in w.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{w:?}");
+        }
+        assert_eq!(clipped, 1);
+        assert!((kl - (0.0 + 1.0 - 1.5 - 0.5)).abs() < 1e-6, "{kl}");
+        // The weight scales the token's surrogate term and nothing else.
+        let t = |v: &[f32]| Tensor::from_slice(v);
+        let a = ppo_policy_loss(&t(&[-1.0, -1.0]), &t(&[-1.0, -1.0]), &t(&[1.0, -1.0]), &t(&[0.5, 0.5]), 0.2, None, None);
+        let b = ppo_policy_loss(&t(&[-1.0, -1.0]), &t(&[-1.0, -1.0]), &t(&[1.0, -1.0]), &t(&[0.5, 0.5]), 0.2, None, Some(&t(&[2.0, 0.0])));
+        assert!((a.loss.double_value(&[]) - 0.0).abs() < 1e-7);
+        assert!((b.loss.double_value(&[]) + 1.0).abs() < 1e-6, "{}", b.loss.double_value(&[]));
     }
 }

@@ -72,6 +72,12 @@ pub struct UpdateStats {
     pub mean_reward: f64,
     /// max |engine ln p - learner ln p| over the batch's tokens, before the update.
     pub behaviour_logprob_max_diff: f64,
+    /// Mean over tokens of ln mu - ln pi_old (k1 estimate of KL(engine || learner)) before the
+    /// update: how off-policy the batch is.
+    pub is_mismatch_kl: f64,
+    /// Share of tokens whose importance ratio pi_old / mu exceeds `is_cap` (truncated under
+    /// token-tis).
+    pub is_clipped_share: f64,
 }
 
 /// A value head on the policy trunk: V(h) = h w^T + b, one scalar per position.
@@ -98,6 +104,8 @@ impl ValueHead {
 /// Per-trajectory quantities fixed at the start of an update.
 struct Scored {
     old_logp: Vec<Vec<f32>>,
+    /// Token-TIS weights per trajectory (`is_correction = token-tis`).
+    is_weight: Option<Vec<Vec<f32>>>,
     ref_logp: Option<Vec<Vec<f32>>>,
     old_values: Option<Vec<Vec<f32>>>,
     adv: Vec<Vec<f32>>,
@@ -297,7 +305,7 @@ impl Learner {
             let adv = trajs.iter().zip(a).map(|(t, a)| vec![a as f32; t.response_ids.len()]).collect();
             (adv, None, None)
         };
-        Ok(Scored { old_logp, ref_logp, old_values, adv, returns })
+        Ok(Scored { old_logp, is_weight: None, ref_logp, old_values, adv, returns })
     }
 
     /// One update on a batch of scored trajectories: `ppo_epochs` passes, each split into
@@ -328,6 +336,20 @@ impl Learner {
             .zip(&scored.old_logp)
             .flat_map(|(t, lp)| t.behaviour_logprobs.iter().zip(lp).map(|(a, b)| (a - b).abs() as f64))
             .fold(0.0, f64::max);
+        // Behaviour (engine) vs learner before the update: always measured, applied with token-tis.
+        let (mut weights_is, mut clipped, mut kl) = (Vec::new(), 0usize, 0.0);
+        for (t, lp) in trajs.iter().zip(&scored.old_logp) {
+            let (w, c, k) = loss::tis_weights(lp, &t.behaviour_logprobs, self.cfg.is_cap);
+            weights_is.push(w);
+            clipped += c;
+            kl += k;
+        }
+        stats.is_mismatch_kl = kl / stats.tokens.max(1) as f64;
+        stats.is_clipped_share = clipped as f64 / stats.tokens.max(1) as f64;
+        let mut scored = scored;
+        if self.cfg.is_correction == config::IsCorrection::TokenTis {
+            scored.is_weight = Some(weights_is);
+        }
 
         let mut acc = Acc::default();
         let mut norms = 0.0;
@@ -418,6 +440,7 @@ impl Learner {
         let entropy = if want_ent { Entropy::Grad } else { Entropy::Value };
         let wv: Vec<f32> = weights.iter().flat_map(|w| w.iter().copied()).collect();
         let (wt, old_lp, adv) = (Tensor::from_slice(&wv).to_device(dev), flat(&scored.old_logp), flat(&scored.adv));
+        let is_w = scored.is_weight.as_ref().map(flat);
         let ref_lp = scored.ref_logp.as_ref().map(flat);
 
         // Every per-token term depends only on its own token, so each logit chunk's loss is
@@ -430,7 +453,8 @@ impl Learner {
             let (lp, ent) = token_stats(&part(&hd), w_head, &part(&mb.targets), inv_t, chunk as usize, entropy);
             let ent = ent.expect("entropy requested");
             let w = part(&wt);
-            let pl = loss::ppo_policy_loss(&lp, &part(&old_lp), &part(&adv), &w, self.cfg.clip_range, self.cfg.dual_clip);
+            let isw = is_w.as_ref().map(part);
+            let pl = loss::ppo_policy_loss(&lp, &part(&old_lp), &part(&adv), &w, self.cfg.clip_range, self.cfg.dual_clip, isw.as_ref());
             let ent_sum = (&ent * &w).sum(Kind::Float);
             let mut obj = pl.loss.shallow_clone();
             if want_ent {

@@ -689,6 +689,8 @@ impl Trainer {
             skipped_steps: u.map(|u| u.skipped_steps).unwrap_or(0),
             lr: u.map(|u| u.lr),
             logprob_max_diff: u.map(|u| u.behaviour_logprob_max_diff),
+            is_mismatch_kl: u.map(|u| u.is_mismatch_kl),
+            is_clipped_share: u.map(|u| u.is_clipped_share),
             response_tokens_mean: gen_tokens as f64 / rollouts.max(1) as f64,
             response_tokens_max: lens.iter().copied().max().unwrap_or(0) as u64,
             truncated: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Length).count() as u64,

@@ -44,6 +44,12 @@ pub struct StepRecord {
     pub lr: Option<f64>,
     /// max |engine ln p - learner ln p| before the update (on-policy check).
     pub logprob_max_diff: Option<f64>,
+    /// Mean ln mu - ln pi_old over tokens (engine vs learner before the update).
+    #[serde(default)]
+    pub is_mismatch_kl: Option<f64>,
+    /// Share of tokens whose importance ratio exceeds `learner.is_cap`.
+    #[serde(default)]
+    pub is_clipped_share: Option<f64>,
     pub response_tokens_mean: f64,
     pub response_tokens_max: u64,
     /// Rollouts cut by `max_new_tokens`.
