@@ -262,15 +262,21 @@ fn rss_mb() -> f64 {
 /// of this binary would allocate meanwhile.
 #[test]
 fn twenty_reloads_do_not_leak() {
+    run_alone("reload_leak_probe");
+}
+
+/// Runs the ignored test `name` alone in a child process of this test binary, and fails if it
+/// failed or did not run.
+fn run_alone(name: &str) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "reload_leak_probe", "--ignored", "--nocapture", "--test-threads", "1"])
+        .args(["--exact", name, "--ignored", "--nocapture", "--test-threads", "1"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     print!("{stdout}");
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the reload probe failed");
-    assert!(stdout.contains("test result: ok. 1 passed"), "the reload probe did not run");
+    assert!(out.status.success(), "{name} failed");
+    assert!(stdout.contains("test result: ok. 1 passed"), "{name} did not run");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,15 +531,7 @@ async fn gguf_import_of_cached_smollm2() {
 /// probe runs alone in a child process where no other test's engine can be hit by it.
 #[test]
 fn canceled_generations_are_marked_canceled() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "cancel_probe", "--ignored", "--nocapture", "--test-threads", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    print!("{stdout}");
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the cancel probe failed");
-    assert!(stdout.contains("test result: ok. 1 passed"), "the cancel probe did not run");
+    run_alone("cancel_probe");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
