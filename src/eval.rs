@@ -223,7 +223,8 @@ pub async fn generate_answers(
         tokio::spawn(async move {
             let mut answers = vec![None; n];
             while let Some(r) = rx.recv().await {
-                answers[r.request] = Some(r.text);
+                // A canceled answer is cut short: never judged as if finished.
+                answers[r.request] = (r.finish_reason != crate::engine::FinishReason::Canceled).then_some(r.text);
                 progress.inc(1);
             }
             answers
@@ -236,7 +237,7 @@ pub async fn generate_answers(
     answers
         .into_iter()
         .enumerate()
-        .map(|(i, a)| a.with_context(|| format!("{what}: no answer for task {:?}", tasks[i].id)))
+        .map(|(i, a)| a.with_context(|| format!("{what}: no answer for task {:?} (the engine canceled it or returned none)", tasks[i].id)))
         .collect()
 }
 

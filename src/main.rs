@@ -144,7 +144,8 @@ Exit status:
   3    `run`: stopped because the judge stayed unavailable; a checkpoint was written, resume when it is back
   4    `run`: stopped because learner.max_skipped_steps optimizer steps in a row had a non-finite
        gradient norm; none was applied, so the newest checkpoint is clean
-  130  `run`: interrupted by SIGINT or SIGTERM; a checkpoint was written, rerun the command to resume";
+  130  `run`: interrupted by SIGINT or SIGTERM; a checkpoint was written (a second signal exits at
+       once without one), rerun the command to resume";
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
     use orchestrator::trainer::{self, Ended, RunOptions};

@@ -35,8 +35,22 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         for (i, _) in text.match_indices("crate::") {
             let rest = &text[i + "crate::".len()..];
             if let Some(group) = rest.strip_prefix('{') {
-                let group = &group[..group.find('}').unwrap_or(group.len())];
-                names.extend(group.split(',').map(|p| ident(p.trim())).filter(|n| !n.is_empty()));
+                // `crate::{a::{b, c}, d}`: the first segment of each item at brace depth 0.
+                let mut depth = 0;
+                let mut item_start = true;
+                for (j, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => item_start = true,
+                        c if item_start && !c.is_whitespace() => {
+                            names.insert(ident(&group[j..]));
+                            item_start = false;
+                        }
+                        _ => {}
+                    }
+                }
             } else {
                 names.insert(ident(rest));
             }

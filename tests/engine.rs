@@ -543,6 +543,8 @@ async fn cancel_probe() {
     // Long enough that the cancel lands mid-sequence; the tiny model rarely samples EOS.
     let reqs = requests(&PROMPTS[..1], 1, 3);
     let long = SamplingConfig { stop: vec![], ..sampling(1.0, 4000) };
+    // Warm up first, so the timed run is what the canceled one will be.
+    engine.generate(&reqs, &long).await.unwrap();
     let t0 = std::time::Instant::now();
     let full = engine.generate(&reqs, &long).await.unwrap();
     let t_full = t0.elapsed();

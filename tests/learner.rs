@@ -661,6 +661,6 @@ async fn token_tis_is_one_on_policy_and_engages_off_policy() {
     println!("off-policy: mismatch KL {:.4}, clipped share {:.3} ({shifted} of {tokens} tokens shifted)", sb.is_mismatch_kl, sb.is_clipped_share);
     assert!(sb.is_mismatch_kl.abs() > 0.05, "the learner moved and mu was shifted: {sb:?}");
     assert!(sb.is_clipped_share >= shifted as f64 / tokens as f64 - 1e-9, "{sb:?}");
-    assert_eq!(sa.is_clipped_share, sb.is_clipped_share, "measured either way");
+    assert!((sa.is_clipped_share - sb.is_clipped_share).abs() <= 1.0 / tokens as f64, "measured either way: {sa:?} vs {sb:?}");
     assert!(!close(sa.grad_norm, sb.grad_norm), "the correction must change an off-policy update: {sa:?} vs {sb:?}");
 }

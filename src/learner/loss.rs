@@ -93,7 +93,8 @@ pub fn tis_weights(old_logp: &[f32], behaviour: &[f32], cap: f64) -> (Vec<f32>, 
             if r > cap {
                 clipped += 1;
             }
-            r.min(cap) as f32
+            // f64::min would turn a NaN ratio into the cap; a token without a ratio gets none.
+            if r.is_nan() { 0.0 } else { r.min(cap) as f32 }
         })
         .collect();
     (w, clipped, kl)

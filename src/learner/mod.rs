@@ -122,6 +122,17 @@ struct Acc {
     clip: f64,
 }
 
+impl Acc {
+    fn add(&mut self, o: &Acc) {
+        self.loss += o.loss;
+        self.policy += o.policy;
+        self.value += o.value;
+        self.kl += o.kl;
+        self.entropy += o.entropy;
+        self.clip += o.clip;
+    }
+}
+
 pub struct Learner {
     cfg: LearnerConfig,
     model_dir: PathBuf,
@@ -152,8 +163,9 @@ impl std::fmt::Display for Diverged {
         write!(
             f,
             "training diverged: {} optimizer steps in a row had a non-finite gradient norm (last {}); \
-             every one was skipped, so the weights and the newest checkpoint are from the last good step. \
-             Lower learner.lr or learner.max_grad_norm, or check the rewards, then resume",
+             none of them was applied and no checkpoint is written now, so the newest checkpoint is clean \
+             (the steps after it are lost). Lower learner.lr or learner.max_grad_norm, or check the rewards, \
+             then resume",
             self.skipped_in_a_row, self.last_grad_norm
         )
     }
@@ -317,6 +329,10 @@ impl Learner {
         for (i, t) in trajs.iter().enumerate() {
             ensure!(t.reward.is_finite(), "trajectory {i}: reward {} is not finite", t.reward);
             ensure!(
+                t.behaviour_logprobs.iter().all(|x| !x.is_nan() && *x <= 0.0),
+                "trajectory {i}: a behaviour log-prob is NaN or positive"
+            );
+            ensure!(
                 t.behaviour_logprobs.len() == t.response_ids.len(),
                 "trajectory {i}: {} behaviour log-probs for {} response tokens",
                 t.behaviour_logprobs.len(),
@@ -353,6 +369,10 @@ impl Learner {
 
         let mut acc = Acc::default();
         let mut norms = 0.0;
+        // The log-prob head in f32 (token_stats works in f32): a frozen lm_head (LoRA, or tied
+        // and frozen) is cast once per update; a trained one per micro-step, inside its graph.
+        let w_head = self.policy.lm_head_weight();
+        let head = (!w_head.requires_grad()).then(|| tch::no_grad(|| batch::as_f32(w_head)));
         let steps_before = self.opt.step;
         for epoch in 0..self.cfg.ppo_epochs {
             let mut order: Vec<usize> = (0..trajs.len()).collect();
@@ -364,12 +384,13 @@ impl Learner {
                 let lens: Vec<usize> = mini.iter().map(|&i| trajs[i].response_ids.len()).collect();
                 let weights = loss::token_weights(&lens, self.cfg.aggregation);
                 self.opt.zero_grad();
+                let mut mini_acc = Acc::default();
                 let len_of = |i: usize| trajs[i].prompt_ids.len() + trajs[i].response_ids.len();
                 let pos_in_mini = |i: usize| mini.iter().position(|&x| x == i).expect("member");
                 for (k, micro) in split_by_tokens(mini, len_of, self.cfg.micro_batch_tokens).into_iter().enumerate() {
                     let w: Vec<&[f32]> = micro.iter().map(|&i| &weights[pos_in_mini(i)][..]).collect();
                     let seed = mix(mix(self.seed, self.opt.step), k as u64 + 1);
-                    self.micro_step(trajs, &micro, &w, &scored, inv_t, seed, &mut acc)?;
+                    self.micro_step(trajs, &micro, &w, &scored, inv_t, seed, head.as_ref(), &mut mini_acc)?;
                 }
                 let lr = optim::lr_at(
                     self.cfg.lr,
@@ -381,7 +402,11 @@ impl Learner {
                 );
                 let stepped = self.opt.step(lr, self.cfg.max_grad_norm);
                 if stepped.applied {
+                    // Only applied steps count in the averages: one skipped mini-batch must not
+                    // turn the good ones' losses into NaN.
                     norms += stepped.grad_norm;
+                    acc.add(&mini_acc);
+                    stats.lr = lr;
                     self.skipped_in_a_row = 0;
                 } else {
                     stats.skipped_steps += 1;
@@ -390,14 +415,12 @@ impl Learner {
                         return Err(Diverged { skipped_in_a_row: self.skipped_in_a_row, last_grad_norm: stepped.grad_norm }.into());
                     }
                 }
-                stats.lr = lr;
             }
         }
         self.updates += 1;
         stats.optimizer_steps = self.opt.step - steps_before;
-        // Losses average over every attempted step; the norm over the applied ones (None in the
-        // metrics when none was applied).
-        let steps = (stats.optimizer_steps + stats.skipped_steps).max(1) as f64;
+        // Averages over the applied steps (NaN, written as null, when none was applied).
+        let steps = if stats.optimizer_steps > 0 { stats.optimizer_steps as f64 } else { f64::NAN };
         stats.grad_norm = if stats.optimizer_steps > 0 { norms / stats.optimizer_steps as f64 } else { f64::NAN };
         stats.loss = acc.loss / steps;
         stats.policy_loss = acc.policy / steps;
@@ -418,6 +441,7 @@ impl Learner {
         scored: &Scored,
         inv_t: f64,
         seed: u64,
+        head_f32: Option<&Tensor>,
         acc: &mut Acc,
     ) -> Result<()> {
         let dev = self.policy.device();
@@ -433,8 +457,8 @@ impl Learner {
         let trunk = trunk_forward(lm, &mb.ids, f, self.cfg.activation_recompute, seed);
         let sel = trunk.h().view([-1, lm.cfg.hidden_size as i64]).index_select(0, &mb.pred_pos);
         let hd = sel.detach().set_requires_grad(true);
-        // Cast once here rather than in every chunk (token_stats works in f32).
-        let w_head = &batch::as_f32(lm.lm_head_weight());
+        // Cast once per micro-step rather than per chunk when it is trained (token_stats works in f32).
+        let w_head = &head_f32.map(|h| h.shallow_clone()).unwrap_or_else(|| batch::as_f32(lm.lm_head_weight()));
         let chunk = self.cfg.logprob_chunk as i64;
         let want_ent = self.cfg.entropy_coef > 0.0;
         let entropy = if want_ent { Entropy::Grad } else { Entropy::Value };

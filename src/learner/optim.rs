@@ -97,7 +97,9 @@ impl AdamW {
         for s in &self.slots {
             let g = s.param.grad();
             if g.defined() {
-                sq += g.to_kind(Kind::Float).square().sum(Kind::Float).double_value(&[]);
+                // In f64: a large but finite gradient (clipping's job) must not overflow to inf
+                // and be skipped as non-finite.
+                sq += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
             }
         }
         sq.sqrt()

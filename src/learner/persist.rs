@@ -33,6 +33,9 @@ const COPIED: &[&str] = &[
 struct State {
     updates: u64,
     optimizer_steps: u64,
+    /// Optimizer steps skipped in a row (non-finite gradients), so "in a row" survives a resume.
+    #[serde(default)]
+    skipped_in_a_row: u64,
     seed: u64,
     lora: bool,
     trainable: usize,
@@ -138,7 +141,8 @@ impl Learner {
     }
 
     /// Identifies the frozen weights: the source model's directory and weight files (path,
-    /// size, modification time) and which weights are frozen. A sync may reuse a frozen file
+    /// size, modification time) and which weights are frozen, in which dtype and shape (so a
+    /// `learner.dtype` change rewrites it too). A sync may reuse a frozen file
     /// written under the same key only, so a changed `model.path` or LoRA target list (both can
     /// change on resume with `--allow-config-change`) rewrites it.
     pub fn frozen_key(&self) -> Result<String> {
@@ -151,9 +155,12 @@ impl Learner {
             let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
             h.update(format!("\n{}:{}:{}", f.display(), m.len(), mtime).as_bytes());
         }
-        for (n, _) in self.policy.weight_split().frozen {
-            h.update(b"\n");
-            h.update(n.as_bytes());
+        for (n, src) in self.policy.weight_split().frozen {
+            let (kind, shape) = match &src {
+                Source::Ready(t) => (t.kind(), t.size()),
+                Source::Lazy { shape, kind, .. } => (*kind, shape.clone()),
+            };
+            h.update(format!("\n{n}:{kind:?}:{shape:?}").as_bytes());
         }
         Ok(format!("{:x}", h.finalize()))
     }
@@ -184,6 +191,7 @@ impl Learner {
         let st = State {
             updates: self.updates,
             optimizer_steps: self.opt.step,
+            skipped_in_a_row: self.skipped_in_a_row,
             seed: self.seed,
             lora: self.cfg.lora.enabled,
             trainable: self.params.len(),
@@ -216,6 +224,7 @@ impl Learner {
         self.opt.load(&dir.join("optimizer.safetensors"))?;
         ensure!(self.opt.step == st.optimizer_steps, "{}: optimizer step {} != {}", sp.display(), self.opt.step, st.optimizer_steps);
         self.updates = st.updates;
+        self.skipped_in_a_row = st.skipped_in_a_row;
         Ok(())
     }
 }
