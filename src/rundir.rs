@@ -47,6 +47,14 @@ pub fn diff(saved: &Value, new: &Value) -> Vec<Change> {
         .collect()
 }
 
+/// A saved config read through today's `Config`, so keys added since it was saved take their
+/// defaults and are no change unless the new config sets them otherwise (a run started before
+/// an upgrade resumes without flags). A config that no longer reads (a removed key) is compared
+/// as it is.
+fn with_defaults(saved: Value) -> Value {
+    serde_json::from_value::<Config>(saved.clone()).ok().and_then(|c| serde_json::to_value(c).ok()).unwrap_or(saved)
+}
+
 /// Whether `key` is `prefix` or lies under it.
 fn allowed_by(key: &str, prefix: &str) -> bool {
     key == prefix || key.starts_with(&format!("{prefix}."))
@@ -93,7 +101,7 @@ impl RunDir {
         if path.exists() {
             let saved: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
                 .with_context(|| format!("{}: unreadable saved config", path.display()))?;
-            let changes = diff(&saved, &new);
+            let changes = diff(&with_defaults(saved), &new);
             let refused: Vec<Change> = changes
                 .iter()
                 .filter(|(k, _, _)| !allow.iter().any(|p| allowed_by(k, p)))
@@ -120,6 +128,23 @@ impl RunDir {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A key added after the run was saved is no change at its default, a change otherwise.
+    #[test]
+    fn keys_added_since_a_run_was_saved_take_their_defaults() {
+        let cfg: Config = serde_json::from_value(json!({"model": {"path": "/m"}})).unwrap();
+        let mut saved = serde_json::to_value(&cfg).unwrap();
+        saved["learner"].as_object_mut().unwrap().remove("is_cap");
+        saved["learner"].as_object_mut().unwrap().remove("max_skipped_steps");
+        let new = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(diff(&saved, &new).len(), 2, "raw: both keys look added");
+        assert!(diff(&with_defaults(saved.clone()), &new).is_empty());
+        let mut changed = new.clone();
+        changed["learner"]["is_cap"] = json!(3.0);
+        let d = diff(&with_defaults(saved), &changed);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0, "learner.is_cap");
+    }
 
     #[test]
     fn diff_lists_changed_added_and_removed_leaves() {
