@@ -19,6 +19,7 @@ pub mod report;
 pub mod rundir;
 pub mod reward;
 pub mod selection;
+pub mod tensorboard;
 pub mod tiny;
 pub mod trainer;
 

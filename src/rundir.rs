@@ -114,6 +114,30 @@ impl RunDir {
     }
 }
 
+/// What a run leaves where, as (what, path or command) lines for the end of `orchestrator run`:
+/// only what exists.
+pub fn outputs(root: &Path) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    if crate::tensorboard::event_files(root).map(|f| !f.is_empty()).unwrap_or(false) {
+        v.push(("TensorBoard", format!("tensorboard --logdir {}", root.display())));
+    }
+    let metrics = root.join("metrics.jsonl");
+    if metrics.is_file() {
+        v.push(("metrics", metrics.display().to_string()));
+        v.push(("plots", format!("orchestrator report {}", root.display())));
+    }
+    for (what, dir) in [("samples", "samples"), ("checkpoints", "checkpoints")] {
+        let d = root.join(dir);
+        if d.is_dir() {
+            v.push((what, d.display().to_string()));
+        }
+    }
+    if let Ok(latest) = std::fs::read_to_string(root.join("checkpoints/latest")) {
+        v.push(("latest checkpoint", root.join("checkpoints").join(latest.trim()).display().to_string()));
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

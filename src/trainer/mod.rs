@@ -43,7 +43,7 @@ use record::{mean_std, samples_file, SampleRecord, StepRecord};
 use state::{TrainerState, LEARNER_DIR, POLICY_DIR};
 use sync::Served;
 
-pub use prepare::{export_checkpoint, prepare, run_dir_for, Prepared, Resume, RunOptions};
+pub use prepare::{checkpoint_learner, checkpoint_of, export_checkpoint, prepare, run_dir_for, Prepared, Resume, RunOptions};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -262,6 +262,7 @@ impl Trainer {
             stop_notify: Arc::new(tokio::sync::Notify::new()),
         };
         trainer.repair_after_resume(saved.and_then(|s| s.record))?;
+        trainer.metrics.tensorboard(&trainer.run.root, trainer.cfg.run.tensorboard)?;
         install_signals(trainer.stop.clone(), trainer.stop_notify.clone());
         if let Some(d) = &checkpoint {
             trainer.bars.log(format!("resumed from {} (step {})", d.display(), trainer.step));
@@ -637,6 +638,7 @@ impl Trainer {
         let lens: Vec<usize> = groups.iter().flatten().map(|j| j.rollout.ids.len()).collect();
         let gen_tokens: usize = lens.iter().sum();
         let rollouts = lens.len() as u64;
+        let latencies: Vec<f64> = groups.iter().flatten().flat_map(|j| &j.reward.calls).map(|c| c.output.latency_ms as f64).collect();
         let (reward_mean, reward_std) = match mean_std(&rewards) {
             Some((m, s)) => (Some(m), Some(s)),
             None => (None, None),
@@ -676,6 +678,8 @@ impl Trainer {
             learn_tokens_per_s: u.map(|u| u.tokens as f64 / t_learn.max(1e-9)),
             judge_calls: groups.iter().flatten().map(|j| j.reward.calls.len() as u64).sum(),
             judge_retries: stats.retries,
+            judge_latency_ms_mean: mean_std(&latencies).map(|(m, _)| m),
+            judge_latency_ms_max: latencies.iter().map(|&l| l as u64).max(),
             t_generate,
             t_judge_tail,
             t_learn,
@@ -698,6 +702,7 @@ impl Trainer {
         record.t_step = t_step.elapsed().as_secs_f64();
         record.t_other = (record.t_step - t_generate - t_judge_tail - t_learn - t_sync - t_checkpoint).max(0.0);
         self.metrics.write(&record)?;
+        self.bars.steps.set_message(record.status());
         self.bars.steps.inc(1);
         self.bars.log(format!(
             "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s sync {:.1}s",

@@ -58,10 +58,27 @@ pub fn run_dir_for(opts: &RunOptions, cfg: &Config) -> PathBuf {
     cfg.run.root.join(name)
 }
 
-/// Writes the policy of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`, already
-/// verified by the caller) as an HF model directory with merged weights at `out`, for `eval` or
-/// serving elsewhere.
-pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
+/// The checkpoint `arg` names: a run directory's newest complete checkpoint (one that does not
+/// verify is reported and skipped), or a checkpoint directory (verified). None when `arg` is
+/// neither (an HF model directory, for instance).
+pub fn checkpoint_of(arg: &Path) -> Result<Option<PathBuf>> {
+    if arg.join("checkpoints").is_dir() {
+        let (found, warnings) = Checkpoints::open(arg.join("checkpoints"))?.latest_valid()?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        return Ok(Some(found.with_context(|| format!("run {} has no complete checkpoint", arg.display()))?.0));
+    }
+    if arg.join(crate::checkpoint::MANIFEST).is_file() {
+        Checkpoints::verify(arg)?;
+        return Ok(Some(arg.to_path_buf()));
+    }
+    Ok(None)
+}
+
+/// The learner of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`, already
+/// verified by the caller), built from the run's saved config and restored.
+pub fn checkpoint_learner(ckpt: &Path) -> Result<Learner> {
     let ckpt = &ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
     let run = ckpt
         .parent()
@@ -72,7 +89,13 @@ pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
     let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
     let mut learner = Learner::new(&cfg.learner, &cfg.model.path, cfg.run.seed)?;
     learner.load(&ckpt.join(LEARNER_DIR))?;
-    learner.export(out)
+    Ok(learner)
+}
+
+/// Writes the policy of checkpoint `ckpt` (verified by the caller) as an HF model directory with
+/// merged weights at `out`, for `eval` or serving elsewhere.
+pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
+    checkpoint_learner(ckpt)?.export(out)
 }
 
 /// Everything read and checked before any model is loaded.
