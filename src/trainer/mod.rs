@@ -263,6 +263,11 @@ impl Trainer {
         };
         trainer.repair_after_resume(saved.and_then(|s| s.record))?;
         trainer.metrics.tensorboard(&trainer.run.root, trainer.cfg.run.tensorboard)?;
+        // A resumed run shows the state it resumes in until its next step ends.
+        let last = crate::metrics::read_jsonl_lenient(trainer.metrics.path()).ok().and_then(|m| m.last().cloned());
+        if let Some(r) = last.and_then(|v| serde_json::from_value::<StepRecord>(v).ok()) {
+            trainer.bars.steps.set_message(r.status());
+        }
         install_signals(trainer.stop.clone(), trainer.stop_notify.clone());
         if let Some(d) = &checkpoint {
             trainer.bars.log(format!("resumed from {} (step {})", d.display(), trainer.step));
