@@ -6,6 +6,7 @@ ORCH_VENV="${ORCHESTRATOR_VENV:-$ORCH_CACHE/venv}"
 ORCH_PYTHON="${ORCHESTRATOR_PYTHON:-python3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ORCH_CACHE/target}"
 ORCH_TORCH_VERSION="2.11.0"
+ORCH_TENSORBOARD_VERSION="2.21.0"
 orch_site_packages() {
   "$ORCH_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a machine with only the OS, Rust and Python: checks the toolchain,
 # installs libtorch (torch 2.11.0 from PyPI, the two CUDA runtime wheels it links against, no
-# other dependency) into a venv in the cache, and builds the release binary.
+# other dependency) and tensorboard into a venv in the cache, and builds the release binary.
 #   scripts/setup.sh             set up and build
 #   scripts/setup.sh --no-build  set up only (scripts/test.sh builds through cargo test)
 #   scripts/setup.sh --cuda      also build the CUDA binary (scripts/build-cuda.sh, ~20 min)
@@ -38,6 +38,15 @@ if [ ! -f "$sp/torch/lib/libtorch_cpu.so" ] || ! ls "$sp"/torch-"$ORCH_TORCH_VER
   # import torch at build time, so nothing else is needed.
   "$ORCH_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
     "torch==$ORCH_TORCH_VERSION" "nvidia-cuda-runtime==13.0.96.*" "nvidia-cuda-cupti==13.0.85.*"
+fi
+# TensorBoard reads the event files runs write (`tensorboard --logdir runs/`), and the tests
+# read them back with its EventAccumulator. pip's resolver warns about torch's CUDA
+# dependencies, which were left out on purpose above.
+if ! ls "$sp"/tensorboard-"$ORCH_TENSORBOARD_VERSION".dist-info >/dev/null 2>&1; then
+  echo "setup: installing tensorboard==$ORCH_TENSORBOARD_VERSION into $ORCH_VENV"
+  "$ORCH_VENV/bin/pip" install --quiet --disable-pip-version-check "tensorboard==$ORCH_TENSORBOARD_VERSION" 2>&1 \
+    | grep -v -e "dependency resolver does not currently" -e "^torch .* requires " || true
+  "$ORCH_VENV/bin/python" -c 'import tensorboard' || { echo "setup: tensorboard failed to install" >&2; exit 1; }
 fi
 export LIBTORCH="$sp/torch"
 echo "setup: LIBTORCH=$LIBTORCH"

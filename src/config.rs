@@ -72,6 +72,9 @@ pub struct RunConfig {
     pub judge_down_max_wait_secs: f64,
     /// Shuffle the task order each epoch.
     pub shuffle: bool,
+    /// Write TensorBoard event files into the run directory as steps end (one scalar per
+    /// numeric metric), for `tensorboard --logdir <run.root>`.
+    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +102,7 @@ impl Default for RunConfig {
             on_judge_down: OnJudgeDown::Stop,
             judge_down_max_wait_secs: 600.0,
             shuffle: true,
+            tensorboard: true,
         }
     }
 }

@@ -36,18 +36,7 @@ pub fn resolve_model(arg: &Path, scratch: &Path) -> Result<PathBuf> {
     if !arg.is_dir() {
         bail!("model {} is not a directory (expected an HF model directory with config.json)", arg.display());
     }
-    let checkpoint = if arg.join("checkpoints").is_dir() {
-        let (found, warnings) = crate::checkpoint::Checkpoints::open(arg.join("checkpoints"))?.latest_valid()?;
-        for w in warnings {
-            eprintln!("warning: {w}");
-        }
-        Some(found.with_context(|| format!("run {} has no complete checkpoint", arg.display()))?.0)
-    } else if arg.join(crate::checkpoint::MANIFEST).is_file() {
-        crate::checkpoint::Checkpoints::verify(arg)?;
-        Some(arg.to_path_buf())
-    } else {
-        None
-    };
+    let checkpoint = crate::rundir::checkpoint_of(arg)?;
     if let Some(ckpt) = checkpoint {
         let ckpt = ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
         // Two runs with the same directory name (and step) must not share an export.

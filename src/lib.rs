@@ -21,6 +21,7 @@ pub mod rundir;
 pub mod reward;
 pub mod seed;
 pub mod selection;
+pub mod tensorboard;
 pub mod testkit;
 pub mod trainer;
 pub mod validate;

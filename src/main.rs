@@ -49,6 +49,12 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Plots (PNG) and a markdown summary of a run's metrics.jsonl, into RUN_DIR/report/.
     Report(cli::report::ReportArgs),
+    /// A run's policy (newest complete checkpoint, or the one named) as a merged HF model
+    /// directory, or with --adapter as a PEFT LoRA adapter directory.
+    Export(cli::export::ExportArgs),
+    /// The learner's logits for given token ids (LoRA applied, not merged), to compare another
+    /// framework's forward pass on an export with ours.
+    Logits(cli::export::LogitsArgs),
     /// Print throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -159,13 +165,21 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let resume_hint = |dir: &std::path::Path| {
         format!("orchestrator run {} --run-dir {}", config.display(), dir.display())
     };
-    Ok(match trainer::run(opts).await? {
+    let ended = trainer::run(opts).await?;
+    let print_outputs = |dir: &std::path::Path| {
+        for (what, at) in orchestrator::rundir::outputs(dir) {
+            println!("  {what:<18} {at}");
+        }
+    };
+    Ok(match ended {
         Ended::Completed { step, run_dir } => {
             println!("run complete at step {step}: {}", run_dir.display());
+            print_outputs(&run_dir);
             ExitCode::SUCCESS
         }
         Ended::Interrupted { step, run_dir } => {
             println!("interrupted; checkpoint at step {step}. Resume with: {}", resume_hint(&run_dir));
+            print_outputs(&run_dir);
             ExitCode::from(EXIT_INTERRUPTED)
         }
         Ended::JudgeDown { step, run_dir, reason } => {
@@ -210,6 +224,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Select(args) => cli::select::run(args).await,
         Command::Eval(args) => cli::eval::run(args).await,
         Command::Report(args) => cli::report::run(args),
+        Command::Export(args) => cli::export::run(args),
+        Command::Logits(args) => cli::export::logits(args),
         Command::Bench(BenchCommand::Select { tasks, candidates, latency_ms, concurrency, pairwise }) => {
             cli::select::bench(tasks, candidates, latency_ms, concurrency, pairwise).await
         }

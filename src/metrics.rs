@@ -2,7 +2,8 @@
 //!
 //! On resume from checkpoint step S the file is first cut back to the lines with step <= S
 //! (atomically), so steps that ran after the checkpoint and are about to run again never appear
-//! twice.
+//! twice. With TensorBoard logging on, each line also goes to the run's event file, rebuilt
+//! from the kept lines on open (see [`crate::tensorboard`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use serde::Serialize;
 pub struct MetricsWriter {
     path: PathBuf,
     file: std::fs::File,
+    events: Option<crate::tensorboard::EventLog>,
 }
 
 impl MetricsWriter {
@@ -47,7 +49,33 @@ impl MetricsWriter {
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, events: None })
+    }
+
+    /// Mirrors every line into a TensorBoard event file in `dir`, started over from the lines
+    /// the file holds now (so call it after `open` has cut them back). With `enabled = false`,
+    /// event files left by earlier sessions of the run are removed instead: they could hold
+    /// rolled-back steps. Returns the event file.
+    pub fn tensorboard(&mut self, dir: &Path, enabled: bool) -> Result<Option<PathBuf>> {
+        if !enabled {
+            let n = crate::tensorboard::remove_all(dir)?;
+            if n > 0 {
+                eprintln!("run.tensorboard = false: removed {n} event file(s) of earlier sessions of this run");
+            }
+            return Ok(None);
+        }
+        let text = if self.path.exists() {
+            std::fs::read_to_string(&self.path).with_context(|| format!("reading {}", self.path.display()))?
+        } else {
+            String::new()
+        };
+        // Complete lines only (a torn last one is not history).
+        let complete = &text[..text.rfind('\n').map(|i| i + 1).unwrap_or(0)];
+        let history: Vec<&str> = complete.lines().filter(|l| !l.trim().is_empty()).collect();
+        let log = crate::tensorboard::EventLog::open(dir, &history)?;
+        let p = log.path().to_path_buf();
+        self.events = Some(log);
+        Ok(Some(p))
     }
 
     pub fn path(&self) -> &Path {
@@ -60,6 +88,9 @@ impl MetricsWriter {
         line.push(b'\n');
         self.file.write_all(&line)?;
         self.file.sync_data()?;
+        if let Some(e) = &mut self.events {
+            e.write(std::str::from_utf8(&line)?.trim_end())?;
+        }
         Ok(())
     }
 }
@@ -68,6 +99,22 @@ impl MetricsWriter {
 pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
+        .collect()
+}
+
+/// Reads a metrics file that may be growing (a run still writing it) or was cut by a crash:
+/// a last line without its newline is left out; any other bad line is an error naming it.
+pub fn read_jsonl_lenient(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))

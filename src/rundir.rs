@@ -124,6 +124,70 @@ impl RunDir {
     }
 }
 
+/// What a run leaves where, as (what, path or command) lines for the end of `orchestrator run`:
+/// only what exists.
+pub fn outputs(root: &Path) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    if crate::tensorboard::event_files(root).map(|f| !f.is_empty()).unwrap_or(false) {
+        v.push(("TensorBoard", format!("tensorboard --logdir {}", root.display())));
+    }
+    let metrics = root.join("metrics.jsonl");
+    if metrics.is_file() {
+        v.push(("metrics", metrics.display().to_string()));
+        v.push(("plots", format!("orchestrator report {}", root.display())));
+    }
+    for (what, dir) in [("samples", "samples"), ("checkpoints", "checkpoints")] {
+        let d = root.join(dir);
+        if d.is_dir() {
+            v.push((what, d.display().to_string()));
+        }
+    }
+    if let Ok(latest) = std::fs::read_to_string(root.join("checkpoints/latest")) {
+        v.push(("latest checkpoint", root.join("checkpoints").join(latest.trim()).display().to_string()));
+    }
+    v
+}
+
+/// The checkpoint `arg` names: a run directory's newest complete checkpoint (one that does not
+/// verify is reported and skipped), or a checkpoint directory (verified). None when `arg` is
+/// neither (an HF model directory, for instance).
+pub fn checkpoint_of(arg: &Path) -> Result<Option<PathBuf>> {
+    if arg.join("checkpoints").is_dir() {
+        let (found, warnings) = crate::checkpoint::Checkpoints::open(arg.join("checkpoints"))?.latest_valid()?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        return Ok(Some(found.with_context(|| format!("run {} has no complete checkpoint", arg.display()))?.0));
+    }
+    if arg.join(crate::checkpoint::MANIFEST).is_file() {
+        crate::checkpoint::Checkpoints::verify(arg)?;
+        return Ok(Some(arg.to_path_buf()));
+    }
+    Ok(None)
+}
+
+/// The learner of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`, already
+/// verified by the caller), built from the run's saved config and restored.
+pub fn checkpoint_learner(ckpt: &Path) -> Result<crate::learner::Learner> {
+    let ckpt = &ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
+    let run = ckpt
+        .parent()
+        .and_then(|p| p.parent())
+        .with_context(|| format!("{}: not inside a run directory", ckpt.display()))?;
+    let cfg_path = run.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    let mut learner = crate::learner::Learner::new(&cfg.learner, &cfg.model.path, cfg.run.seed)?;
+    learner.load(&ckpt.join(LEARNER_DIR))?;
+    Ok(learner)
+}
+
+/// Writes the policy of checkpoint `ckpt` (verified by the caller) as an HF model directory with
+/// merged weights at `out`, for `eval` or serving elsewhere.
+pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
+    checkpoint_learner(ckpt)?.export(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,21 +222,4 @@ mod tests {
         assert!(allowed_by("judge.openai.base_url", "judge.openai.base_url"));
         assert!(!allowed_by("judge.openai_x", "judge.openai"));
     }
-}
-
-/// Writes the policy of checkpoint `ckpt` (of a run directory `<run>/checkpoints/step-N`, already
-/// verified by the caller) as an HF model directory with merged weights at `out`, for `eval` or
-/// serving elsewhere.
-pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
-    let ckpt = &ckpt.canonicalize().with_context(|| format!("resolving {}", ckpt.display()))?;
-    let run = ckpt
-        .parent()
-        .and_then(|p| p.parent())
-        .with_context(|| format!("{}: not inside a run directory", ckpt.display()))?;
-    let cfg_path = run.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
-    let mut learner = crate::learner::Learner::new(&cfg.learner, &cfg.model.path, cfg.run.seed)?;
-    learner.load(&ckpt.join(LEARNER_DIR))?;
-    learner.export(out)
 }

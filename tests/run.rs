@@ -116,7 +116,7 @@ fn deterministic_part(v: &Value) -> BTreeMap<String, Value> {
     v.as_object()
         .unwrap()
         .iter()
-        .filter(|(k, _)| !(k.starts_with("t_") || k.ends_with("_per_s") || *k == "timestamp"))
+        .filter(|(k, _)| !(k.starts_with("t_") || k.ends_with("_per_s") || k.starts_with("judge_latency") || *k == "timestamp"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

@@ -2,6 +2,7 @@
 
 pub mod bench_learner;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod judge;
 pub mod report;

@@ -278,6 +278,12 @@ impl Trainer {
             stop_notify: Arc::new(tokio::sync::Notify::new()),
         };
         trainer.repair_after_resume(saved.and_then(|s| s.record))?;
+        trainer.metrics.tensorboard(&trainer.run.root, trainer.cfg.run.tensorboard)?;
+        // A resumed run shows the state it resumes in until its next step ends.
+        let last = crate::metrics::read_jsonl_lenient(trainer.metrics.path()).ok().and_then(|m| m.last().cloned());
+        if let Some(r) = last.and_then(|v| serde_json::from_value::<StepRecord>(v).ok()) {
+            trainer.bars.steps.set_message(r.status());
+        }
         install_signals(trainer.stop.clone(), trainer.stop_notify.clone());
         if let Some(d) = &checkpoint {
             trainer.bars.log(format!("resumed from {} (step {})", d.display(), trainer.step));
@@ -656,6 +662,7 @@ impl Trainer {
         let lens: Vec<usize> = groups.iter().flatten().map(|j| j.rollout.ids.len()).collect();
         let gen_tokens: usize = lens.iter().sum();
         let rollouts = lens.len() as u64;
+        let latencies: Vec<f64> = groups.iter().flatten().flat_map(|j| &j.reward.calls).map(|c| c.output.latency_ms as f64).collect();
         let (reward_mean, reward_std) = match mean_std(&rewards) {
             Some((m, s)) => (Some(m), Some(s)),
             None => (None, None),
@@ -699,6 +706,8 @@ impl Trainer {
             learn_tokens_per_s: u.map(|u| u.tokens as f64 / t_learn.max(1e-9)),
             judge_calls: groups.iter().flatten().map(|j| j.reward.calls.len() as u64).sum(),
             judge_retries: stats.retries,
+            judge_latency_ms_mean: mean_std(&latencies).map(|(m, _)| m),
+            judge_latency_ms_max: latencies.iter().map(|&l| l as u64).max(),
             t_generate,
             t_judge_tail,
             t_learn,
@@ -721,6 +730,7 @@ impl Trainer {
         record.t_step = t_step.elapsed().as_secs_f64();
         record.t_other = (record.t_step - t_generate - t_judge_tail - t_learn - t_sync - t_checkpoint).max(0.0);
         self.metrics.write(&record)?;
+        self.bars.steps.set_message(record.status());
         self.bars.steps.inc(1);
         self.bars.log(format!(
             "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s sync {:.1}s",

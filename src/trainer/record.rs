@@ -61,6 +61,10 @@ pub struct StepRecord {
     pub learn_tokens_per_s: Option<f64>,
     pub judge_calls: u64,
     pub judge_retries: u64,
+    /// Mean and longest wall time of the step's judge calls in ms, retries included (None
+    /// without calls).
+    pub judge_latency_ms_mean: Option<f64>,
+    pub judge_latency_ms_max: Option<u64>,
     /// Phase wall times in seconds. `t_judge_tail` is judging left after the last rollout
     /// finished; `t_other` is the step's time outside every phase (the trainer's own overhead).
     pub t_generate: f64,
@@ -130,6 +134,16 @@ impl SampleRecord {
                 }
             })
             .collect()
+    }
+}
+
+impl StepRecord {
+    /// The run's state after this step, for the progress line: mean reward, share of scored
+    /// rollouts that won, tasks per ladder level.
+    pub fn status(&self) -> String {
+        let reward = self.reward_mean.map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into());
+        let win = if self.scored > 0 { format!("{:.0}%", 100.0 * self.wins as f64 / self.scored as f64) } else { "-".into() };
+        format!("reward {reward} | win {win} | levels {:?}", self.levels)
     }
 }
 
