@@ -13,12 +13,14 @@ pub mod gguf;
 pub mod jsonl;
 pub mod judge;
 pub mod metrics;
+pub mod plan;
 pub mod learner;
 pub mod progress;
 pub mod report;
 pub mod rundir;
 pub mod reward;
 pub mod selection;
+pub mod synth;
 pub mod tiny;
 pub mod trainer;
 
