@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 7B path in one command, for a lent GPU machine (no Rust, no network): run it from a copy
 # of the working tree with the CUDA binary from scripts/build-cuda.sh carried beside it
-# (orchestrator.zst or orchestrator in the tree's root, or --bin). It finds the CUDA and libtorch
+# (orchestrator.zst, orchestrator.xz or orchestrator in the tree's root, or --bin). It finds the CUDA and libtorch
 # libraries of the machine's torch installation itself, writes a random model of Qwen2.5-7B's
 # exact shape (bf16), and measures, each stage under its own time budget:
 #   model    writing the synthetic model (seconds, bytes/s)
@@ -19,7 +19,8 @@
 #   scripts/gpu-check.sh [--bin BIN] [--out FILE] [--work DIR] [--like qwen2.5-7b]
 #   scripts/gpu-check.sh --cpu-smoke [--bin BIN] [--out FILE]   # the same stages, tiny shapes, CPU
 #
-# Budgets (seconds) can be changed with GPU_CHECK_BUDGET_<STAGE>=N, e.g. GPU_CHECK_BUDGET_RUN=300.
+# Budgets (seconds) can be changed with GPU_CHECK_BUDGET_<STAGE>=N, e.g. GPU_CHECK_BUDGET_RUN=300;
+# GPU_CHECK_PYTHON names the Python whose torch to use, GPU_CHECK_LIBS the library path outright.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --work) WORK="$2"; shift ;;
     --like) LIKE="$2"; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -56,28 +57,36 @@ find_bin() {
       [ -x "$b" ] && { echo "$b"; return; }
     done
   fi
-  for b in "$ROOT/orchestrator" "$ROOT/orchestrator.zst" "$HOME/.cache/orchestrator/target-cuda/release/orchestrator"; do
+  for b in "$ROOT/orchestrator" "$ROOT/orchestrator.zst" "$ROOT/orchestrator.xz" "$HOME/.cache/orchestrator/target-cuda/release/orchestrator"; do
     [ -f "$b" ] && { echo "$b"; return; }
   done
 }
 BIN="$(find_bin)"
 [ -n "$BIN" ] && [ -f "$BIN" ] || { echo "gpu-check: no binary found (pass --bin, or put orchestrator[.zst] in $ROOT)" >&2; exit 2; }
-if [[ "$BIN" == *.zst ]]; then
+if [[ "$BIN" == *.zst || "$BIN" == *.xz ]]; then
   dest="$WORK/orchestrator"
-  if command -v zstd >/dev/null; then
+  if [[ "$BIN" == *.zst ]] && command -v zstd >/dev/null; then
     zstd -q -d -f "$BIN" -o "$dest" || exit 2
+  elif [[ "$BIN" == *.xz ]] && command -v xz >/dev/null; then
+    xz -d -c "$BIN" >"$dest" || exit 2
   else
-    # Python 3.14 has zstd in the standard library; older ones may have the zstandard package.
-    "$PY" - "$BIN" "$dest" <<'EOF' || { echo "gpu-check: cannot decompress $BIN (no zstd, no python zstd module)" >&2; exit 2; }
+    # Python's lzma is always there; zstd is in the standard library from 3.14 (or the
+    # zstandard package). Without either, carry an .xz: `xz -T0 -9 -k orchestrator`.
+    "$PY" - "$BIN" "$dest" <<'EOF' || { echo "gpu-check: cannot decompress $BIN (no zstd tool or Python module; carry orchestrator.xz instead)" >&2; exit 2; }
 import sys
 src, dst = sys.argv[1], sys.argv[2]
-try:
-    from compression import zstd
-    data = zstd.decompress(open(src, "rb").read())
-except ImportError:
-    import zstandard
-    data = zstandard.ZstdDecompressor().decompressobj().decompress(open(src, "rb").read())
-open(dst, "wb").write(data)
+data = open(src, "rb").read()
+if src.endswith(".xz"):
+    import lzma
+    out = lzma.decompress(data)
+else:
+    try:
+        from compression import zstd
+        out = zstd.decompress(data)
+    except ImportError:
+        import zstandard
+        out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+open(dst, "wb").write(out)
 EOF
   fi
   chmod +x "$dest"; BIN="$dest"
@@ -86,7 +95,10 @@ fi
 if [ "$SMOKE" = 0 ]; then
   # torch's own lib directory (libtorch) and every nvidia/*/lib of its CUDA wheels, found
   # without importing torch.
-  LIBS="$("$PY" - <<'EOF'
+  LIBS=""
+  for cand in ${GPU_CHECK_PYTHON:-} python3 python /usr/bin/python3 /opt/conda/bin/python; do
+    command -v "$cand" >/dev/null || continue
+    LIBS="$("$cand" - <<'EOF'
 import importlib.util, os, glob
 out = []
 t = importlib.util.find_spec("torch")
@@ -98,7 +110,10 @@ for base in (n.submodule_search_locations if n else []):
     out += sorted(d for d in glob.glob(os.path.join(base, "*", "lib")) if not d.endswith("cu13/lib"))
 print(":".join(d for d in out if os.path.isdir(d)))
 EOF
-)"
+)" || true
+    [[ "$LIBS" == *torch/lib* ]] && break
+  done
+  LIBS="${GPU_CHECK_LIBS:-$LIBS}"
   [ -n "$LIBS" ] || { echo "gpu-check: no torch installation found by $PY (torch/lib, nvidia/*/lib)" >&2; exit 2; }
   export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   command -v nvidia-smi >/dev/null || { echo "gpu-check: nvidia-smi not found: is this a GPU machine? (--cpu-smoke for CPU)" >&2; exit 2; }
@@ -185,16 +200,22 @@ EOF
 
 # --- stages ----------------------------------------------------------------------------
 stage model "$BIN" tiny-model "${MODEL_ARGS[@]}" --out "$MODEL"
-du -sb "$MODEL" 2>/dev/null | cut -f1 >"$WORK/model.bytes"
+if [ -d "$MODEL" ]; then
+  du -sb "$MODEL" | cut -f1 >"$WORK/model.bytes"
+else # cut short: what it had written
+  du -scb "$WORK"/.model.partial-* 2>/dev/null | tail -n1 | cut -f1 >"$WORK/model.partial_bytes"
+fi
 
 # Configs: configs/7b.toml as it is (GPU) or made CPU-runnable (smoke), plus the engine bench's.
 cp "$ROOT/configs/7b.toml" "$WORK/7b.toml"
+# GPU: plan reads the shape itself, so its figures survive a model stage cut short.
+PLAN_LIKE=(); [ "$SMOKE" = 0 ] && PLAN_LIKE=(--like "$LIKE")
 plan_all() {
-  env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "$BIN" plan "$WORK/7b.toml" --gpu-memory "$GPU_MEM" --json "$WORK/plan-run.json" &&
-  env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "${ENGINE_ENV[@]}" "$BIN" plan "$WORK/7b.toml" --gpu-memory "$GPU_MEM" --json "$WORK/plan-engine.json" &&
-  env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "${LEARNER_PLAN_ENV[@]}" "$BIN" plan "$WORK/7b.toml" --gpu-memory "$GPU_MEM" --json "$WORK/plan-learner.json"
+  env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "$BIN" plan "$WORK/7b.toml" --gpu-memory "$GPU_MEM" "${PLAN_LIKE[@]}" --json "$WORK/plan-run.json" &&
+  env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "${ENGINE_ENV[@]}" "$BIN" plan "$WORK/7b.toml" --gpu-memory "$GPU_MEM" "${PLAN_LIKE[@]}" --json "$WORK/plan-engine.json" &&
+  env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "${LEARNER_PLAN_ENV[@]}" "$BIN" plan "$WORK/7b.toml" --gpu-memory "$GPU_MEM" "${PLAN_LIKE[@]}" --json "$WORK/plan-learner.json"
 }
-stage plan bash -c "$(declare -p BIN WORK GPU_MEM COMMON_ENV RUN_ENV ENGINE_ENV LEARNER_PLAN_ENV); $(declare -f plan_all); plan_all"
+stage plan bash -c "$(declare -p BIN WORK GPU_MEM COMMON_ENV RUN_ENV ENGINE_ENV LEARNER_PLAN_ENV PLAN_LIKE); $(declare -f plan_all); plan_all"
 
 # The engine bench reads a config: the 7B one with the engine alone in mind.
 stage engine env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "${ENGINE_ENV[@]}" "$BIN" bench engine --config "$WORK/7b.toml" \
@@ -226,6 +247,10 @@ try:
     st["model"]["bytes"] = b
     st["model"]["mb_per_s"] = round(b / 1e6 / max(st["model"]["secs"], 1e-9), 1)
 except (FileNotFoundError, ValueError, KeyError):
+    pass
+try:
+    st["model"]["partial_bytes"] = int(open(os.path.join(work, "model.partial_bytes")).read().strip())
+except (FileNotFoundError, ValueError):
     pass
 plans = {k: load(f"plan-{k}.json") for k in ["run", "engine", "learner"]}
 def gib(x):

@@ -431,6 +431,13 @@ impl Plan {
                 s += &format!("  {p}\n");
             }
         }
+        if self.fits && self.kv_tokens_after_sync < self.kv_tokens_demand {
+            s += &format!(
+                "note: after a sync the KV cache holds {} tokens, less than the {} that max_num_seqs x (prompt + max_new_tokens) \
+                 can ask for: the engine then runs fewer sequences at once\n",
+                self.kv_tokens_after_sync, self.kv_tokens_demand
+            );
+        }
         if let Some(m) = self.max_micro_batch_tokens {
             s += &format!(
                 "largest learner.micro_batch_tokens that fits: {m} (configured {})\n",
@@ -459,7 +466,7 @@ fn shape_for(cfg: &Config, like: Option<Like>) -> Result<(ModelShape, String)> {
     if let Some(like) = like {
         let v = Shape::like(like).config_json(SynthDType::Bf16);
         let shape: ModelShape = serde_json::from_value(v)?;
-        return Ok((shape, format!("{like:?} shape (--like)")));
+        return Ok((shape, format!("{} shape (--like)", crate::synth::like_name(like))));
     }
     let dir = &cfg.model.path;
     if cfg.model_format() == crate::config::ModelFormat::Gguf {

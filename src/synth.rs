@@ -33,6 +33,12 @@ pub enum Like {
     Smollm2_135m,
 }
 
+/// The name `--like` takes (`qwen2.5-7b`).
+pub fn like_name(like: Like) -> String {
+    use clap::ValueEnum;
+    like.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SynthDType {
     #[default]
@@ -586,9 +592,9 @@ pub fn write_cli(like: Like, dtype: SynthDType, seed: u64, layers: Option<usize>
     }
     let w = spec.write(out, true)?;
     println!(
-        "wrote {} ({:?}, {} layers, {:.3} B parameters, {}): {:.2} GB in {} shard(s) in {:.1} s ({:.0} MB/s)",
+        "wrote {} ({}, {} layers, {:.3} B parameters, {}): {:.2} GB in {} shard(s) in {:.1} s ({:.0} MB/s)",
         out.display(),
-        like,
+        like_name(like),
         spec.shape.num_hidden_layers,
         w.parameters as f64 / 1e9,
         dtype.torch_name(),
