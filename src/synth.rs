@@ -647,6 +647,7 @@ mod tests {
         let mut one = vec![0u8; BLOCK * 4];
         fill_block(&t, SynthDType::F32, 9, 2, &mut one);
         assert_eq!(&all[2 * BLOCK * 4..3 * BLOCK * 4], &one[..]);
+        assert_ne!(&all[..BLOCK * 4], &all[BLOCK * 4..2 * BLOCK * 4], "every block has its own stream");
         let vals: Vec<f32> = all.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert!(vals.iter().all(|&v| (0.5..=1.5).contains(&v)));
         let mean = vals.iter().map(|&v| v as f64).sum::<f64>() / vals.len() as f64;
