@@ -149,7 +149,7 @@ else
   RUN_ENV=()
   # The engine alone on the GPU (learner on the host for plan's arithmetic: nothing of it loads).
   ENGINE_ENV=(ORCHESTRATOR__LEARNER__DEVICE=cpu)
-  declare -A BUDGET=([model]=75 [plan]=20 [engine]=120 [learner]=90 [run]=240)
+  declare -A BUDGET=([model]=75 [plan]=20 [engine]=150 [learner]=80 [run]=220)
 fi
 for s in model plan engine learner run; do
   v="GPU_CHECK_BUDGET_${s^^}"; [ -n "${!v:-}" ] && BUDGET[$s]="${!v}"
