@@ -1,6 +1,7 @@
 //! orchestrator: Writing-RL (arXiv 2506.05760) in one binary. See DESIGN.md for the method and
 //! the shape of a training step.
 
+pub mod chatml;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod jsonl;
 pub mod judge;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod learner;
 pub mod progress;
 pub mod report;
@@ -23,6 +25,7 @@ pub mod seed;
 pub mod selection;
 pub mod tensorboard;
 pub mod testkit;
+pub mod synth;
 pub mod trainer;
 pub mod validate;
 

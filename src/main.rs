@@ -58,7 +58,9 @@ enum Command {
     /// Print throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Write a small random HF model directory (Llama or Qwen2 layout), as the tests use.
+    /// Write a random HF model directory: a small one (Llama or Qwen2 layout) as the tests use,
+    /// or, with --like, one with a real model's exact shape (config, sharded weights, a tokenizer
+    /// covering every id) for measuring speed and memory without its weights.
     TinyModel {
         #[arg(long, value_enum, default_value = "llama")]
         arch: TinyArch,
@@ -66,7 +68,21 @@ enum Command {
         seed: u64,
         #[arg(long)]
         out: PathBuf,
+        /// Copy this model's shape (exact config.json; random weights, sharded like HF).
+        #[arg(long, value_enum, conflicts_with = "arch")]
+        like: Option<orchestrator::synth::Like>,
+        /// Weight dtype of a --like model.
+        #[arg(long, value_enum, default_value = "bf16", requires = "like")]
+        dtype: orchestrator::synth::SynthDType,
+        /// Keep only this many layers of a --like model (same widths and vocabulary; quick checks).
+        #[arg(long, requires = "like")]
+        layers: Option<usize>,
     },
+    /// The GPU memory budget of a config before anything loads: engine weights and KV cache,
+    /// learner weights, trainable parameters, AdamW state, gradients, activations, log-prob
+    /// chunk; a verdict and the largest settings that fit.
+    #[command(after_long_help = orchestrator::plan::ASSUMPTIONS)]
+    Plan(orchestrator::plan::PlanArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -122,6 +138,9 @@ enum BenchCommand {
         /// Overrides engine.sampling.max_new_tokens.
         #[arg(long)]
         max_new_tokens: Option<usize>,
+        /// Also write the rows (tokens/s per batch size) as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Judge calls/s against a scripted server with a fixed latency, and the ratio to C/L.
     Judge {
@@ -229,7 +248,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Bench(BenchCommand::Select { tasks, candidates, latency_ms, concurrency, pairwise }) => {
             cli::select::bench(tasks, candidates, latency_ms, concurrency, pairwise).await
         }
-        Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens }) => {
+        Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens, json }) => {
             let mut cfg = Config::load(config.path())?;
             if let Some(m) = max_new_tokens {
                 cfg.engine.sampling.max_new_tokens = m;
@@ -246,11 +265,36 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 cfg.engine.sampling.max_new_tokens,
                 repeats
             );
-            orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats).await?;
+            let t0 = std::time::Instant::now();
+            let rows = orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats).await?;
+            if let Some(path) = json {
+                let rows: Vec<_> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "batch": r.batch, "ours_tok_s": r.ours_tok_s, "plain_tok_s": r.plain_tok_s, "ratio": r.ratio()
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "model": cfg.model.path.display().to_string(),
+                    "max_new_tokens": cfg.engine.sampling.max_new_tokens,
+                    "paged_attention": cfg.engine.paged_attention.enabled,
+                    "repeats": repeats,
+                    "secs": t0.elapsed().as_secs_f64(),
+                    "rows": rows,
+                });
+                orchestrator::fsutil::atomic_write(&path, &serde_json::to_vec_pretty(&v)?)?;
+            }
             Ok(())
         }
         Command::Bench(BenchCommand::Learner(args)) => cli::bench_learner::run(args),
-        Command::TinyModel { arch, seed, out } => {
+        Command::Plan(args) => orchestrator::plan::run(args),
+        Command::TinyModel { like: Some(like), dtype, layers, seed, out, .. } => {
+            orchestrator::synth::write_cli(like, dtype, seed, layers, &out)?;
+            Ok(())
+        }
+        Command::TinyModel { arch, seed, out, .. } => {
             let spec = match arch {
                 TinyArch::Llama => orchestrator::testkit::tiny::TinySpec::llama(seed),
                 TinyArch::Qwen2 => orchestrator::testkit::tiny::TinySpec::qwen2(seed),

@@ -45,6 +45,18 @@ pub struct BenchLearnerArgs {
     /// Writes the batch's ids and the first sequence's logits (for the PyTorch script).
     #[arg(long)]
     pub save_logits: Option<PathBuf>,
+    /// LoRA adapters of this rank on all seven projections, base frozen (0 = every weight trainable).
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// Also write the measurements as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn vm_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn vm_hwm_mb() -> Option<f64> {
@@ -65,7 +77,15 @@ pub fn run(a: BenchLearnerArgs) -> Result<()> {
         LearnerDType::F32 => Kind::Float,
         LearnerDType::Bf16 => Kind::BFloat16,
     };
-    let lm = CausalLm::load(&a.model, device, kind, None, true)?;
+    let rss_start = vm_rss_mb();
+    let lora = (a.lora_rank > 0).then(|| crate::learner::lora::LoraConfig {
+        enabled: true,
+        rank: a.lora_rank,
+        alpha: 2.0 * a.lora_rank as f64,
+        ..Default::default()
+    });
+    let lm = CausalLm::load(&a.model, device, kind, lora.as_ref(), lora.is_none())?;
+    let rss_loaded = vm_rss_mb();
     let v = lm.cfg.vocab_size as u32;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let ids: Vec<i64> = (0..a.batch * a.seq_len).map(|_| rng.random_range(0..v) as i64).collect();
@@ -122,18 +142,43 @@ pub fn run(a: BenchLearnerArgs) -> Result<()> {
     prog.finish();
     let tokens = (a.batch * a.seq_len * a.steps) as f64;
     println!(
-        "model {} | batch {} x {} | {} | {:?} | threads {} | recompute {}",
+        "model {} | batch {} x {} | {} | {:?} | threads {} | recompute {} | lora rank {}",
         a.model.display(),
         a.batch,
         a.seq_len,
         clap::ValueEnum::to_possible_value(&a.dtype).map(|v| v.get_name().to_string()).unwrap_or_default(),
         device,
         a.threads,
-        a.recompute
+        a.recompute,
+        a.lora_rank
     );
     println!("loss {loss:.6} (warm-up step {warm:.6})");
-    let peak = if reset { vm_hwm_mb().map(|m| format!("{m:.0} MB")) } else { None };
-    let peak = peak.unwrap_or_else(|| "unavailable".into());
+    let peak_mb = if reset { vm_hwm_mb() } else { None };
+    let peak = peak_mb.map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "unavailable".into());
+    if let (Some(s), Some(l)) = (rss_start, rss_loaded) {
+        println!("RSS before loading {s:.0} MB, after loading {l:.0} MB (host memory; a GPU's is not in it)");
+    }
+    let tok_s = if a.steps == 0 { None } else { Some(tokens / secs) };
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "batch": a.batch,
+            "seq_len": a.seq_len,
+            "dtype": a.dtype,
+            "device": a.device,
+            "recompute": a.recompute,
+            "lora_rank": a.lora_rank,
+            "logprob_chunk": a.logprob_chunk,
+            "steps": a.steps,
+            "tokens_per_s": tok_s,
+            "warmup_secs": warm_secs,
+            "loss": loss,
+            "rss_start_mb": rss_start,
+            "rss_loaded_mb": rss_loaded,
+            "peak_rss_mb": peak_mb,
+        });
+        crate::fsutil::atomic_write(path, &serde_json::to_vec_pretty(&v)?)?;
+    }
     if a.steps == 0 {
         println!("tch warm-up step only: {warm_secs:.3} s, peak RSS {peak}");
     } else {

@@ -16,11 +16,7 @@ use tokenizers::models::{ModelWrapper, TrainerWrapper};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, Tokenizer};
 
-pub const BOS: &str = "<|im_start|>";
-pub const EOS: &str = "<|im_end|>";
-pub const PAD: &str = "<|endoftext|>";
-
-pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+pub use crate::chatml::{BOS, CHAT_TEMPLATE, EOS, PAD};
 
 const CORPUS: &[&str] = &[
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
