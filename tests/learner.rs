@@ -522,10 +522,17 @@ async fn frozen_sync_weights_follow_the_model_and_targets() {
 #[test]
 fn bf16_logprobs_use_an_f32_head() {
     use orchestrator::learner::batch::{token_stats, Entropy};
-    tch::manual_seed(5);
-    let h = (Tensor::randn([64, 128], (Kind::Float, Device::Cpu)) * 2.0).to_kind(Kind::BFloat16);
-    let w = (Tensor::randn([1000, 128], (Kind::Float, Device::Cpu)) * 0.5).to_kind(Kind::BFloat16);
-    let tgt = Tensor::randint(1000, [64], (Kind::Int64, Device::Cpu));
+    // Data from our own RNG: libtorch's global generator is shared with the other tests of this
+    // binary (the learner seeds it), and drawing from it here would make their runs differ.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut normal = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n).map(|_| (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 2.0 * scale).collect()
+    };
+    let h = Tensor::from_slice(&normal(64 * 128, 2.0)).reshape([64, 128]).to_kind(Kind::BFloat16);
+    let w = Tensor::from_slice(&normal(1000 * 128, 0.5)).reshape([1000, 128]).to_kind(Kind::BFloat16);
+    let ids: Vec<i64> = (0..64).map(|i| (i * 37 % 1000) as i64).collect();
+    let tgt = Tensor::from_slice(&ids);
     let (lp, _) = token_stats(&h, &w, &tgt, 1.0, 16, Entropy::Skip);
     assert_eq!(lp.kind(), Kind::Float);
     let want = h.to_kind(Kind::Float).matmul(&w.to_kind(Kind::Float).tr()).log_softmax(-1, Kind::Float).gather(1, &tgt.unsqueeze(1), false).squeeze_dim(1);
