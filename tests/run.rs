@@ -387,7 +387,7 @@ async fn kill_9_while_batched_then_resume_loses_nothing() {
     let plan = [Kill::MidGeneration, Kill::MidJudge(4), Kill::MidCheckpoint, Kill::After(Duration::from_millis(900))];
     straight_and_killed(&config, &straight, &crashed, &server, &seen, &plan).await;
 
-    let (a, b) = (read_jsonl(&straight.join("metrics.jsonl")).unwrap(), read_jsonl(&crashed.join("metrics.jsonl")).unwrap());
+    let b = read_jsonl(&crashed.join("metrics.jsonl")).unwrap();
     assert_eq!(steps_of(&b), (1..=steps).collect::<Vec<_>>(), "a step missing or repeated");
     // Ladders: each step's level histogram is the previous one moved up by its advances, across
     // every resume (a lost or stale curriculum would break the chain).
