@@ -302,14 +302,19 @@ impl Engine for MistralEngine {
                 .into_iter()
                 .next()
                 .context("mistral.rs returned no choice")?;
-            let (prompt_ids, ids, logprobs) = sampler.take();
-            if ids.len() != resp.usage.completion_tokens {
+            let (prompt_ids, mut ids, mut logprobs) = sampler.take();
+            let emitted = resp.usage.completion_tokens;
+            if ids.len() < emitted {
                 bail!(
-                    "sampler recorded {} tokens but the engine reports {} (request {ri}, sample {si})",
-                    ids.len(),
-                    resp.usage.completion_tokens
+                    "sampler recorded {} tokens but the engine reports {emitted} (request {ri}, sample {si})",
+                    ids.len()
                 );
             }
+            // Batched, mistral.rs 0.8.1 can run a sequence that just finished once more with
+            // its batch: our sampler then records a draw at the next position that the engine
+            // never emits (its text ends before it). The emitted tokens are the first ones.
+            ids.truncate(emitted);
+            logprobs.truncate(emitted);
             let finish = finish_reason(&choice.finish_reason);
             // The text is the decode of exactly these ids (mistral.rs's streamed content can
             // differ on invalid UTF-8), cut before the first stop string like the engine does.
