@@ -26,7 +26,8 @@ pub struct EngineConfig {
     /// One request at a time. Each sequence is then computed exactly as if alone, so a run is
     /// bit-for-bit reproducible (a resumed run equals an uninterrupted one); batched, the
     /// batch a sequence shares depends on timing and its matrix products may round
-    /// differently (README, "Batching and reproducibility"). Several times slower on CPU.
+    /// differently (README, "Batching and reproducibility"). Slower: on CPU about half the
+    /// throughput of a batch of 8.
     pub serial: bool,
     pub sampling: SamplingConfig,
     pub paged_attention: PagedAttentionConfig,
