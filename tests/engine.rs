@@ -613,6 +613,8 @@ async fn nan_logits_are_an_error() {
         let e = format!("{:#}", r.expect_err("NaN logits must be an error"));
         assert!(e.contains("non-finite logits"), "{e}");
     }
+}
+
 /// `engine.serial` and `judge.embedded.serial` are typed config keys (file or environment), and
 /// a wrong value names its key path.
 #[test]
