@@ -41,6 +41,7 @@ fi
 export LIBRARY_PATH="$LINK${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
 cd "$ORCH_ROOT"
+"$ORCH_ROOT/scripts/patch-crates.sh"
 cargo build --release --locked --features cuda,torch-cuda
 BIN="$CARGO_TARGET_DIR/release/orchestrator"
 zstd -q -19 -f "$BIN" -o "$BIN.zst" 2>/dev/null || echo "build-cuda: zstd not installed; skipped $BIN.zst" >&2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a machine with only the OS, Rust and Python: checks the toolchain,
-# installs libtorch (torch 2.11.0 from PyPI, the two CUDA runtime wheels it links against, no
-# other dependency) and tensorboard into a venv in the cache, and builds the release binary.
+# makes the patched mistral.rs crate (scripts/patch-crates.sh), installs libtorch (torch 2.11.0
+# from PyPI, the two CUDA runtime wheels it links against, no other dependency) and tensorboard
+# into a venv in the cache, and builds the release binary.
 #   scripts/setup.sh             set up and build
 #   scripts/setup.sh --no-build  set up only (scripts/test.sh builds through cargo test)
 #   scripts/setup.sh --cuda      also build the CUDA binary (scripts/build-cuda.sh, ~20 min)
@@ -25,6 +26,10 @@ have_rust="$(rustc --version | awk '{print $2}')"
 if [ "$(printf '%s\n%s\n' "$need_rust" "$have_rust" | sort -V | head -n1)" != "$need_rust" ]; then
   echo "setup.sh: rustc $have_rust is older than $need_rust" >&2; exit 1
 fi
+
+# Our fix for mistral.rs 0.8.1's batched CPU decode attention; before any cargo command, which
+# needs the patched crate's directory to load Cargo.toml at all.
+"$ORCH_ROOT/scripts/patch-crates.sh"
 
 mkdir -p "$ORCH_CACHE"
 if [ ! -x "$ORCH_VENV/bin/python" ]; then

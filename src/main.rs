@@ -127,11 +127,11 @@ enum BenchCommand {
         #[arg(long)]
         pairwise: bool,
     },
-    /// Tokens/s of our recording sampler vs plain mistral.rs requests, and their ratio.
+    /// Rollout tokens/s serial vs batched, and our recording sampler vs plain mistral.rs.
     Engine {
         #[command(flatten)]
         config: cli::ConfigArg,
-        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
         batches: Vec<usize>,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
@@ -255,6 +255,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
             }
             let max_batch = batches.iter().copied().max().unwrap_or(1);
             cfg.engine.max_num_seqs = cfg.engine.max_num_seqs.max(max_batch);
+            // Serial rows send one request at a time themselves; the engine must admit the batch.
+            cfg.engine.serial = false;
             let engine = orchestrator::engine::MistralEngine::load(&cfg.model, &cfg.engine).await?;
             println!(
                 "model {} | T={} top_p={} top_k={} max_new_tokens={} | {} repeats",

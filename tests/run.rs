@@ -240,9 +240,16 @@ enum Kill {
     After(Duration),
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_at_random_moments_then_resume_bit_exact() {
-    let s = Setup::new(6);
+/// Sets `engine.serial = true` in a config written by [`Setup::config`]: generation then does
+/// not depend on timing, so a resumed run can be compared with an uninterrupted one bit for bit.
+fn serial_engine(config: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains("[engine]\n"));
+    std::fs::write(config, text.replace("[engine]\n", "[engine]\nserial = true\n")).unwrap();
+}
+
+/// A judge preferring more 'a' after 100 ms, and a counter of the requests it has seen.
+async fn counting_judge() -> (ScriptedServer, Arc<AtomicUsize>) {
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
     let judge = more_a_judge();
@@ -252,29 +259,25 @@ async fn kill_9_at_random_moments_then_resume_bit_exact() {
     }))
     .await
     .unwrap();
-    // sync_every 3 and save_every 2: some checkpoints hold an engine export older than the learner.
-    let run = "steps = 16\nbatch_prompts = 2\nn_samples = 3\nsync_every = 3\nsave_every = 2\nkeep_last = 2\njudge_concurrency = 4";
-    let config = s.config("kill", &server.base_url(), run, "[learner.lora]\nenabled = false\n");
+    (server, seen)
+}
 
-    let straight = s.path("runs/straight");
-    let (code, _, err) = run_to_end(&config, &straight, &[]).await;
+/// Runs `config` once straight through into `straight`, then into `crashed` killed (SIGKILL)
+/// at each moment of `plan`, each time resumed by the next process, then to the end.
+async fn straight_and_killed(
+    config: &Path,
+    straight: &Path,
+    crashed: &Path,
+    server: &ScriptedServer,
+    seen: &AtomicUsize,
+    plan: &[Kill],
+) {
+    let (code, _, err) = run_to_end(config, straight, &[]).await;
     assert_eq!(code, 0, "{err}");
-
-    let crashed = s.path("runs/crashed");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let plan = [
-        Kill::MidGeneration,
-        Kill::MidJudge(3),
-        Kill::MidCheckpoint,
-        Kill::After(Duration::from_millis(rng.random_range(300..1500))),
-        Kill::MidJudge(rng.random_range(2..6)),
-        Kill::MidCheckpoint,
-        Kill::After(Duration::from_millis(rng.random_range(300..1500))),
-    ];
     let mut landed = Vec::new();
-    for kill in plan {
+    for &kill in plan {
         let start_requests = seen.load(Ordering::SeqCst);
-        let mut child = spawn(&config, &crashed, &[], &[]);
+        let mut child = spawn(config, crashed, &[], &[]);
         let t0 = Instant::now();
         let hit = loop {
             if let Ok(Some(_)) = child.child.try_wait() {
@@ -304,9 +307,35 @@ async fn kill_9_at_random_moments_then_resume_bit_exact() {
         }
     }
     eprintln!("kills:\n  {}", landed.join("\n  "));
-    assert!(landed.iter().filter(|l| l.contains("killed")).count() >= 4, "too few kills landed: {landed:?}");
-    let (code, _, err) = run_to_end(&config, &crashed, &[]).await;
+    let want = (plan.len() * 4).div_ceil(7);
+    assert!(landed.iter().filter(|l| l.contains("killed")).count() >= want, "too few kills landed: {landed:?}");
+    let (code, _, err) = run_to_end(config, crashed, &[]).await;
     assert_eq!(code, 0, "{err}");
+}
+
+/// `engine.serial = true`: one sequence in flight, so generation does not depend on timing and
+/// a run killed at any moment and resumed equals an uninterrupted one bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_then_resume_bit_exact() {
+    let s = Setup::new(6);
+    let (server, seen) = counting_judge().await;
+    // sync_every 3 and save_every 2: some checkpoints hold an engine export older than the learner.
+    let run = "steps = 16\nbatch_prompts = 2\nn_samples = 3\nsync_every = 3\nsave_every = 2\nkeep_last = 2\njudge_concurrency = 4";
+    let config = s.config("kill", &server.base_url(), run, "[learner.lora]\nenabled = false\n");
+    serial_engine(&config);
+
+    let (straight, crashed) = (s.path("runs/straight"), s.path("runs/crashed"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let plan = [
+        Kill::MidGeneration,
+        Kill::MidJudge(3),
+        Kill::MidCheckpoint,
+        Kill::After(Duration::from_millis(rng.random_range(300..1500))),
+        Kill::MidJudge(rng.random_range(2..6)),
+        Kill::MidCheckpoint,
+        Kill::After(Duration::from_millis(rng.random_range(300..1500))),
+    ];
+    straight_and_killed(&config, &straight, &crashed, &server, &seen, &plan).await;
 
     let (a, b) = (read_jsonl(&straight.join("metrics.jsonl")).unwrap(), read_jsonl(&crashed.join("metrics.jsonl")).unwrap());
     assert_eq!(steps_of(&b), (1..=16).collect::<Vec<_>>(), "a step missing or repeated");
@@ -342,12 +371,73 @@ async fn kill_9_at_random_moments_then_resume_bit_exact() {
     }
 }
 
+fn json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// Batched (the default): which sequences share a decode step depends on timing, so tokens may
+/// differ from an uninterrupted run in the last bits (README, "Batching and reproducibility").
+/// What a resume must still guarantee: every step once with all its rollouts, the same prompts
+/// per step, ladders continuing from where they were, and the learner's and optimizer's counters
+/// counting every update once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_batched_then_resume_loses_nothing() {
+    let s = Setup::new(6);
+    let (server, seen) = counting_judge().await;
+    let steps = 8u64;
+    let run = format!(
+        "steps = {steps}\nbatch_prompts = 2\nn_samples = 3\nsync_every = 3\nsave_every = 2\nkeep_last = 2\njudge_concurrency = 4"
+    );
+    let config = s.config("batched", &server.base_url(), &run, "[learner.lora]\nenabled = false\n");
+    assert!(!std::fs::read_to_string(&config).unwrap().contains("serial"));
+    let (straight, crashed) = (s.path("runs/straight"), s.path("runs/crashed"));
+    let plan = [Kill::MidGeneration, Kill::MidJudge(4), Kill::MidCheckpoint, Kill::After(Duration::from_millis(900))];
+    straight_and_killed(&config, &straight, &crashed, &server, &seen, &plan).await;
+
+    let b = read_jsonl(&crashed.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&b), (1..=steps).collect::<Vec<_>>(), "a step missing or repeated");
+    // Ladders: each step's level histogram is the previous one moved up by its advances, across
+    // every resume (a lost or stale curriculum would break the chain).
+    let level_sum = |v: &Value| -> u64 {
+        v["levels"].as_array().unwrap().iter().enumerate().map(|(l, n)| l as u64 * n.as_u64().unwrap()).sum()
+    };
+    let mut before = 0;
+    for v in &b {
+        assert_eq!(v["rollouts"].as_u64(), Some(6), "{v}");
+        assert_eq!(v["trained"], v["scored"], "{v}");
+        assert_eq!(v["levels"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).sum::<u64>(), 6);
+        assert_eq!(level_sum(v), before + v["advanced"].as_u64().unwrap(), "ladders at step {}", v["step"]);
+        before = level_sum(v);
+    }
+    for st in 1..=steps {
+        let (x, y) = (samples(&straight, st), samples(&crashed, st));
+        assert_eq!(y.len(), 6, "rollouts of step {st}");
+        let tasks = |v: &[Value]| v.iter().map(|r| r["task_id"].clone()).collect::<Vec<_>>();
+        assert_eq!(tasks(&x), tasks(&y), "prompts of step {st}");
+    }
+    let last = |d: &Path| d.join(format!("checkpoints/step-{steps:06}"));
+    let (x, y) = (json(&last(&straight).join("trainer.json")), json(&last(&crashed).join("trainer.json")));
+    assert_eq!(x["sampler"], y["sampler"], "sampler cursor");
+    let levels = y["curriculum"]["levels"].as_object().unwrap();
+    let total: u64 = levels.values().map(|l| l.as_u64().unwrap()).sum();
+    assert_eq!(total, level_sum(b.last().unwrap()), "checkpointed ladders vs the last step's histogram");
+    let (x, y) = (json(&last(&straight).join("learner/learner.json")), json(&last(&crashed).join("learner/learner.json")));
+    let updates = b.iter().filter(|v| v["trained"].as_u64().unwrap() > 0).count() as u64;
+    assert_eq!(y["updates"].as_u64(), Some(updates), "one learner update per trained step");
+    assert_eq!(x["optimizer_steps"], y["optimizer_steps"], "optimizer steps");
+    assert!(std::fs::read_dir(crashed.join("checkpoints"))
+        .unwrap()
+        .all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".tmp-")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_newest_checkpoint_resumes_from_the_previous_one() {
     let s = Setup::new(4);
     let server = ScriptedServer::start(more_a_judge()).await.unwrap();
     let run = "steps = 4\nbatch_prompts = 2\nn_samples = 2\nsave_every = 2";
     let config = s.config("corrupt", &server.base_url(), run, "");
+    // Redone steps must equal the lost ones bit for bit: one sequence at a time.
+    serial_engine(&config);
     let dir = s.path("runs/corrupt");
     let (code, _, err) = run_to_end(&config, &dir, &[]).await;
     assert_eq!(code, 0, "{err}");

@@ -1,5 +1,7 @@
-//! `orchestrator bench engine`: throughput of our recording sampler against plain mistral.rs
-//! requests (the engine's own sampler) on the same model, prompt, batch size and length.
+//! `orchestrator bench engine`: rollout throughput at several batch sizes, serial (one sequence
+//! in flight at a time, `engine.serial`) against batched (all in flight, decoded together), and
+//! our recording sampler against plain mistral.rs requests (the engine's own sampler) on the
+//! same batched work.
 
 use std::time::Instant;
 
@@ -15,30 +17,55 @@ pub const BENCH_PROMPT: &str =
 #[derive(Debug, Clone, Copy)]
 pub struct EngineBenchRow {
     pub batch: usize,
-    pub ours_tok_s: f64,
+    /// Tokens/s with one sequence in flight at a time.
+    pub serial_tok_s: f64,
+    /// Tokens/s with the whole batch in flight.
+    pub batched_tok_s: f64,
+    /// Tokens/s of plain mistral.rs requests with the whole batch in flight.
     pub plain_tok_s: f64,
 }
 
 impl EngineBenchRow {
-    pub fn ratio(&self) -> f64 {
-        self.ours_tok_s / self.plain_tok_s
+    /// Batched over serial throughput.
+    pub fn batching_ratio(&self) -> f64 {
+        self.batched_tok_s / self.serial_tok_s
+    }
+
+    /// Our recording sampler over plain mistral.rs, both batched.
+    pub fn sampler_ratio(&self) -> f64 {
+        self.batched_tok_s / self.plain_tok_s
     }
 }
 
-/// Tokens and seconds for `batch` copies of the prompt through our wrapper.
-async fn ours(engine: &MistralEngine, batch: usize, s: &SamplingConfig, round: u64) -> Result<(usize, f64)> {
-    let req = GenRequest {
-        messages: vec![ChatMessage::new(Role::User, BENCH_PROMPT)],
-        n: batch,
-        seed: SeedKey::new(round, 0, 0),
-    };
+/// `batch` one-sample requests with their own seeds: the same samples whichever way they run.
+fn requests(batch: usize, round: u64) -> Vec<GenRequest> {
+    (0..batch)
+        .map(|i| GenRequest {
+            messages: vec![ChatMessage::new(Role::User, BENCH_PROMPT)],
+            n: 1,
+            seed: SeedKey::new(round, 0, i as u64),
+        })
+        .collect()
+}
+
+/// Tokens and seconds for the batch through our wrapper, all in flight, or one after another.
+async fn ours(engine: &MistralEngine, batch: usize, s: &SamplingConfig, round: u64, serial: bool) -> Result<(usize, f64)> {
+    let reqs = requests(batch, round);
     let t = Instant::now();
-    let out = engine.generate(std::slice::from_ref(&req), s).await?;
-    let tokens = out.iter().flatten().map(|r| r.ids.len()).sum();
+    let mut tokens = 0;
+    if serial {
+        for r in &reqs {
+            let out = engine.generate(std::slice::from_ref(r), s).await?;
+            tokens += out.iter().flatten().map(|r| r.ids.len()).sum::<usize>();
+        }
+    } else {
+        let out = engine.generate(&reqs, s).await?;
+        tokens = out.iter().flatten().map(|r| r.ids.len()).sum();
+    }
     Ok((tokens, t.elapsed().as_secs_f64()))
 }
 
-/// The same work as plain mistral.rs requests with its built-in sampler.
+/// The same batched work as plain mistral.rs requests with its built-in sampler.
 async fn plain(engine: &MistralEngine, batch: usize, s: &SamplingConfig) -> Result<(usize, f64)> {
     let reqs = (0..batch).map(|_| {
         let mut r = RequestBuilder::new()
@@ -64,46 +91,43 @@ async fn plain(engine: &MistralEngine, batch: usize, s: &SamplingConfig) -> Resu
     Ok((tokens, t.elapsed().as_secs_f64()))
 }
 
-/// Runs both sides `repeats` times per batch size, alternating which goes first, after one
-/// warm-up round; rates are total tokens over total seconds.
+/// Runs the three ways `repeats` times per batch size, rotating which goes first, after one
+/// warm-up round; rates are total tokens over total seconds. `engine` must admit at least the
+/// largest batch (`engine.max_num_seqs`, not serial).
 pub async fn run(
     engine: &MistralEngine,
     batches: &[usize],
     sampling: &SamplingConfig,
     repeats: usize,
 ) -> Result<Vec<EngineBenchRow>> {
-    ours(engine, 1, sampling, 999).await?;
+    ours(engine, 1, sampling, 999, false).await?;
     plain(engine, 1, sampling).await?;
     let mut rows = Vec::new();
     for &b in batches {
-        let (mut ot, mut os, mut pt, mut ps) = (0usize, 0f64, 0usize, 0f64);
+        let mut sums = [(0usize, 0f64); 3];
         for rep in 0..repeats {
-            let first_ours = rep % 2 == 0;
-            if first_ours {
-                let (t, s) = ours(engine, b, sampling, rep as u64).await?;
-                ot += t;
-                os += s;
-            }
-            let (t, s) = plain(engine, b, sampling).await?;
-            pt += t;
-            ps += s;
-            if !first_ours {
-                let (t, s) = ours(engine, b, sampling, rep as u64).await?;
-                ot += t;
-                os += s;
+            for k in 0..3 {
+                let which = (k + rep) % 3;
+                let (t, s) = match which {
+                    0 => ours(engine, b, sampling, rep as u64, true).await?,
+                    1 => ours(engine, b, sampling, rep as u64, false).await?,
+                    _ => plain(engine, b, sampling).await?,
+                };
+                sums[which].0 += t;
+                sums[which].1 += s;
             }
         }
-        let row = EngineBenchRow {
-            batch: b,
-            ours_tok_s: ot as f64 / os,
-            plain_tok_s: pt as f64 / ps,
-        };
+        let rate = |i: usize| sums[i].0 as f64 / sums[i].1;
+        let row = EngineBenchRow { batch: b, serial_tok_s: rate(0), batched_tok_s: rate(1), plain_tok_s: rate(2) };
         println!(
-            "batch {:>3}: ours {:>8.1} tok/s  plain mistral.rs {:>8.1} tok/s  ratio {:.3}",
+            "batch {:>3}: serial {:>7.1} tok/s  batched {:>7.1} tok/s  batched/serial {:>5.2}x  \
+             | plain mistral.rs batched {:>7.1} tok/s  ours/plain {:.3}",
             row.batch,
-            row.ours_tok_s,
+            row.serial_tok_s,
+            row.batched_tok_s,
+            row.batching_ratio(),
             row.plain_tok_s,
-            row.ratio()
+            row.sampler_ratio()
         );
         rows.push(row);
     }

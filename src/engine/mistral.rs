@@ -24,7 +24,7 @@ pub struct MistralEngine {
     live_dir: Option<PathBuf>,
     /// Held for writing during a reload so no request is sent to an unloaded model.
     serving: RwLock<()>,
-    /// Bounds requests in flight (see [`CpuBatching`]).
+    /// Bounds requests in flight (see [`request_concurrency`]).
     inflight: Semaphore,
     format: ModelFormat,
 }
@@ -98,37 +98,24 @@ fn link_model_dir(src: &Path, live: &Path) -> Result<()> {
     Ok(())
 }
 
-/// mistral.rs 0.8.1's CPU decode attention (`flash_attn_cpu_single_q`) keeps its per-tile
-/// scratch per head but not per batch element, so when two different sequences share a decode
-/// step every one of them gets the last one's attention output. Its scheduler also batches
-/// every waiting sequence of equal length whatever `max_num_seqs` says. On CPU we therefore
-/// have one request in the engine at a time (exact results, no batching speed-up); CUDA builds
-/// use other kernels and keep the configured concurrency.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CpuBatching {
-    /// One request in flight on CPU builds (the default everywhere).
-    Serial,
-    /// Send requests concurrently even on CPU: only for measuring the upstream defect.
-    AllowBroken,
-}
-
-/// Requests the engine may have in flight at once in this build.
-pub fn request_concurrency(max_num_seqs: usize, batching: CpuBatching) -> usize {
-    if cfg!(feature = "cuda") || batching == CpuBatching::AllowBroken {
-        max_num_seqs
-    } else {
+/// Requests the engine may have in flight at once. mistral.rs batches whatever is in flight
+/// (its 0.8.1 scheduler admits every waiting sequence of equal length, whatever `max_num_seqs`
+/// says), so this bound is what keeps batches at `max_num_seqs`. Batched CPU decoding relies on
+/// our fix of 0.8.1's `flash_attn_cpu_single_q` (patches/, README "Patched mistral.rs").
+/// `serial` sends one request at a time: slower, but every sequence is computed exactly as if
+/// alone, so results do not depend on what else was in flight or when.
+pub fn request_concurrency(max_num_seqs: usize, serial: bool) -> usize {
+    if serial {
         1
+    } else {
+        max_num_seqs
     }
 }
 
 impl MistralEngine {
     pub async fn load(model: &ModelConfig, engine: &EngineConfig) -> Result<Self> {
-        Self::load_with(model, engine, CpuBatching::Serial).await
-    }
-
-    pub async fn load_with(model: &ModelConfig, engine: &EngineConfig, batching: CpuBatching) -> Result<Self> {
         let max_num_seqs = engine.max_num_seqs;
-        let concurrency = request_concurrency(max_num_seqs, batching);
+        let concurrency = request_concurrency(max_num_seqs, engine.serial);
         let format = match model.format {
             ModelFormat::Auto if model.path.extension().is_some_and(|e| e == "gguf") => ModelFormat::Gguf,
             ModelFormat::Auto => ModelFormat::Safetensors,
@@ -192,7 +179,7 @@ impl MistralEngine {
         &self.model
     }
 
-    /// Sends one chat request once a slot is free (one at a time on CPU, see [`CpuBatching`]).
+    /// Sends one chat request once a slot is free (see [`request_concurrency`]).
     pub async fn send(&self, request: RequestBuilder) -> Result<ChatCompletionResponse> {
         let _slot = self.inflight.acquire().await.expect("semaphore never closed");
         self.model
@@ -295,8 +282,8 @@ impl Engine for MistralEngine {
     ) -> Result<()> {
         let _serving = self.serving.read().await;
         let params = TokenSampling::from(sampling);
-        // Every sample is its own request with its own sampler. All are queued at once: on CUDA
-        // mistral.rs batches them; on CPU the semaphore lets one through at a time.
+        // Every sample is its own request with its own sampler. All are queued at once and
+        // mistral.rs batches up to `max_num_seqs` of them (one at a time in serial mode).
         let mut inflight = FuturesUnordered::new();
         for (ri, req) in requests.iter().enumerate() {
             for si in 0..req.n {
@@ -315,14 +302,19 @@ impl Engine for MistralEngine {
                 .into_iter()
                 .next()
                 .context("mistral.rs returned no choice")?;
-            let (prompt_ids, ids, logprobs) = sampler.take();
-            if ids.len() != resp.usage.completion_tokens {
+            let (prompt_ids, mut ids, mut logprobs) = sampler.take();
+            let emitted = resp.usage.completion_tokens;
+            if ids.len() < emitted {
                 bail!(
-                    "sampler recorded {} tokens but the engine reports {} (request {ri}, sample {si})",
-                    ids.len(),
-                    resp.usage.completion_tokens
+                    "sampler recorded {} tokens but the engine reports {emitted} (request {ri}, sample {si})",
+                    ids.len()
                 );
             }
+            // Batched, mistral.rs 0.8.1 can run a sequence that just finished once more with
+            // its batch: our sampler then records a draw at the next position that the engine
+            // never emits (its text ends before it). The emitted tokens are the first ones.
+            ids.truncate(emitted);
+            logprobs.truncate(emitted);
             let finish = finish_reason(&choice.finish_reason);
             // The text is the decode of exactly these ids (mistral.rs's streamed content can
             // differ on invalid UTF-8), cut before the first stop string like the engine does.

@@ -14,14 +14,21 @@ use tokio::sync::mpsc;
 
 use crate::validate::Problems;
 
-pub use mistral::{CpuBatching, MistralEngine};
+pub use mistral::{request_concurrency, MistralEngine};
 pub use sampler::SeedKey;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Sequences the engine runs at once (mistral.rs scheduler).
+    /// Sequences the engine runs at once (mistral.rs scheduler): requests in flight are
+    /// decoded together in one batch.
     pub max_num_seqs: usize,
+    /// One request at a time. Each sequence is then computed exactly as if alone, so a run is
+    /// bit-for-bit reproducible (a resumed run equals an uninterrupted one); batched, the
+    /// batch a sequence shares depends on timing and its matrix products may round
+    /// differently (README, "Batching and reproducibility"). Slower: on CPU about half the
+    /// throughput of a batch of 8.
+    pub serial: bool,
     pub sampling: SamplingConfig,
     pub paged_attention: PagedAttentionConfig,
 }
@@ -30,6 +37,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_num_seqs: 32,
+            serial: false,
             sampling: SamplingConfig::default(),
             paged_attention: PagedAttentionConfig::default(),
         }

@@ -119,12 +119,15 @@ pub struct EmbeddedConfig {
     pub model: Option<ModelConfig>,
     /// Generate mode: reply length.
     pub max_new_tokens: usize,
+    /// Judge calls decoded together in one batch (both orders of a pair, every pair of a step).
     pub max_num_seqs: usize,
+    /// One call at a time, for bit-for-bit reproducible verdicts (see `engine.serial`).
+    pub serial: bool,
 }
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        Self { model: None, max_new_tokens: 512, max_num_seqs: 16 }
+        Self { model: None, max_new_tokens: 512, max_num_seqs: 16, serial: false }
     }
 }
 

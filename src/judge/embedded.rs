@@ -62,7 +62,13 @@ pub struct EmbeddedJudge {
 
 impl EmbeddedJudge {
     pub async fn load(judge: &JudgeConfig, model: &ModelConfig) -> Result<Self> {
-        let engine_cfg = EngineConfig { max_num_seqs: judge.embedded.max_num_seqs, ..Default::default() };
+        // Calls in flight (both orders of a pair, all pairs the caller submits together) are
+        // decoded as one batch of up to `max_num_seqs`.
+        let engine_cfg = EngineConfig {
+            max_num_seqs: judge.embedded.max_num_seqs,
+            serial: judge.embedded.serial,
+            ..Default::default()
+        };
         let engine = MistralEngine::load(model, &engine_cfg)
             .await
             .with_context(|| format!("loading the embedded judge model {}", model.path.display()))?;
