@@ -219,7 +219,7 @@ stage plan bash -c "$(declare -p BIN WORK GPU_MEM COMMON_ENV RUN_ENV ENGINE_ENV 
 
 # The engine bench reads a config: the 7B one with the engine alone in mind.
 stage engine env "${COMMON_ENV[@]}" "${RUN_ENV[@]}" "${ENGINE_ENV[@]}" "$BIN" bench engine --config "$WORK/7b.toml" \
-  --batches "$ENGINE_BATCHES" --repeats 1 --max-new-tokens "$ENGINE_TOKENS" --json "$WORK/engine.json"
+  --batches "$ENGINE_BATCHES" --repeats 1 --max-new-tokens "$ENGINE_TOKENS" --no-serial --json "$WORK/engine.json"
 
 stage learner "$BIN" bench learner --model "$MODEL" "${LEARNER_ARGS[@]}" --json "$WORK/learner.json"
 
@@ -260,7 +260,7 @@ eng = load("engine.json")
 if eng is None:
     rows = []
     for line in st["engine"].get("log_tail", []):
-        m = re.match(r"batch\s+(\d+): ours\s+([\d.]+) tok/s\s+plain mistral.rs\s+([\d.]+) tok/s", line)
+        m = re.match(r"batch\s+(\d+): serial\s+\S+ tok/s\s+batched\s+([\d.]+) tok/s.*plain mistral.rs batched\s+([\d.]+) tok/s", line)
         if m:
             rows.append({"batch": int(m[1]), "ours_tok_s": float(m[2]), "plain_tok_s": float(m[3])})
     eng = {"rows": rows, "partial": True} if rows else None

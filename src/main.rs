@@ -141,6 +141,10 @@ enum BenchCommand {
         /// Also write the rows (tokens/s per batch size) as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Skip the serial measurement (one sequence at a time): at large batches on a GPU it
+        /// takes batch-size times as long as the batched one.
+        #[arg(long)]
+        no_serial: bool,
     },
     /// Judge calls/s against a scripted server with a fixed latency, and the ratio to C/L.
     Judge {
@@ -248,7 +252,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Bench(BenchCommand::Select { tasks, candidates, latency_ms, concurrency, pairwise }) => {
             cli::select::bench(tasks, candidates, latency_ms, concurrency, pairwise).await
         }
-        Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens, json }) => {
+        Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens, json, no_serial }) => {
             let mut cfg = Config::load(config.path())?;
             if let Some(m) = max_new_tokens {
                 cfg.engine.sampling.max_new_tokens = m;
@@ -268,13 +272,14 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 repeats
             );
             let t0 = std::time::Instant::now();
-            let rows = orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats).await?;
+            let rows = orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats, !no_serial).await?;
             if let Some(path) = json {
                 let rows: Vec<_> = rows
                     .iter()
                     .map(|r| {
                         serde_json::json!({
-                            "batch": r.batch, "ours_tok_s": r.ours_tok_s, "plain_tok_s": r.plain_tok_s, "ratio": r.ratio()
+                            "batch": r.batch, "ours_tok_s": r.batched_tok_s, "serial_tok_s": r.serial_tok_s,
+                            "plain_tok_s": r.plain_tok_s, "ratio": r.sampler_ratio(), "batching_ratio": r.batching_ratio()
                         })
                     })
                     .collect();

@@ -99,6 +99,7 @@ pub async fn run(
     batches: &[usize],
     sampling: &SamplingConfig,
     repeats: usize,
+    with_serial: bool,
 ) -> Result<Vec<EngineBenchRow>> {
     ours(engine, 1, sampling, 999, false).await?;
     plain(engine, 1, sampling).await?;
@@ -108,6 +109,9 @@ pub async fn run(
         for rep in 0..repeats {
             for k in 0..3 {
                 let which = (k + rep) % 3;
+                if which == 0 && !with_serial {
+                    continue;
+                }
                 let (t, s) = match which {
                     0 => ours(engine, b, sampling, rep as u64, true).await?,
                     1 => ours(engine, b, sampling, rep as u64, false).await?,
@@ -117,7 +121,8 @@ pub async fn run(
                 sums[which].1 += s;
             }
         }
-        let rate = |i: usize| sums[i].0 as f64 / sums[i].1;
+        // NaN (printed "-", JSON null) for a part that was not measured.
+        let rate = |i: usize| if sums[i].1 > 0.0 { sums[i].0 as f64 / sums[i].1 } else { f64::NAN };
         let row = EngineBenchRow { batch: b, serial_tok_s: rate(0), batched_tok_s: rate(1), plain_tok_s: rate(2) };
         println!(
             "batch {:>3}: serial {:>7.1} tok/s  batched {:>7.1} tok/s  batched/serial {:>5.2}x  \
