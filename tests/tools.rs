@@ -11,45 +11,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orchestrator::data::{write_tasks, References};
 use orchestrator::testkit::scripted::{Behavior, ScriptedServer};
 use orchestrator::learner::model::{read_all, CausalLm, Fwd};
 use orchestrator::metrics::read_jsonl;
 use orchestrator::testkit::tiny::TinySpec;
-use orchestrator::testkit::letters::{letter_tasks, more_a_judge};
+use orchestrator::testkit::letters::more_a_judge;
 use serde_json::Value;
 
-struct Setup {
-    dir: tempfile::TempDir,
-    model: PathBuf,
-}
-
-impl Setup {
-    fn new(tasks: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let model = common::tiny_model(&dir.path().join("model"), &TinySpec::llama(3));
-        write_tasks(&dir.path().join("tasks.jsonl"), &letter_tasks(tasks), References::Required).unwrap();
-        Self { dir, model }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn config(&self, name: &str, judge_url: &str, run: &str, extra: &str) -> PathBuf {
-        let text = format!(
-            "[model]\npath = {:?}\ndtype = \"f32\"\n\n[engine]\nmax_num_seqs = 16\n[engine.sampling]\n\
-             temperature = 1.0\nmax_new_tokens = 16\n\n[run]\nseed = 11\n{run}\n\n[data]\ntasks = \"tasks.jsonl\"\n\n\
-             [judge]\nkind = \"openai\"\n[judge.openai]\nbase_url = \"{judge_url}\"\nmodel = \"scripted\"\n\
-             api_key_env = \"\"\nmax_concurrency = 16\nmax_retries = 0\nbreaker_failures = 0\n\n\
-             [learner]\nalgorithm = \"grpo\"\nthreads = 1\n{extra}\n",
-            self.model.display().to_string()
-        );
-        let p = self.path(&format!("{name}.toml"));
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
+use common::RunSetup as Setup;
 
 /// The set-up venv's Python (scripts/setup.sh installs tensorboard there).
 fn venv_python() -> PathBuf {
@@ -118,7 +87,7 @@ async fn tensorboard_events_equal_metrics_live_and_after_kill_9_and_resume() {
     .await
     .unwrap();
     let run = "steps = 8\nbatch_prompts = 2\nn_samples = 3\nsave_every = 3\njudge_concurrency = 4";
-    let config = s.config("tb", &server.base_url(), run, "lr = 2e-3\n");
+    let config = s.config("tb", &server.base_url(), run, "");
     let dir = s.path("runs/tb");
 
     let mut child = tokio::process::Command::new(common::bin())

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::chatml::{BOS, CHAT_TEMPLATE, EOS, PAD};
 
 mod tokenizer;
 pub use tokenizer::covering_tokenizer;
@@ -325,25 +324,7 @@ impl SynthSpec {
         let s = &self.shape;
         write_json(&dir.join("config.json"), &s.config_json(self.dtype))?;
         let (pad, bos, eos) = special_ids(s.vocab_size);
-        write_json(
-            &dir.join("generation_config.json"),
-            &json!({ "bos_token_id": bos, "eos_token_id": [eos, pad], "pad_token_id": pad }),
-        )?;
-        write_json(
-            &dir.join("tokenizer_config.json"),
-            &json!({
-                "add_bos_token": false,
-                "add_eos_token": false,
-                "bos_token": BOS,
-                "eos_token": EOS,
-                "pad_token": PAD,
-                "unk_token": null,
-                "chat_template": CHAT_TEMPLATE,
-                "model_max_length": s.max_position_embeddings,
-                "tokenizer_class": "GPT2Tokenizer",
-                "clean_up_tokenization_spaces": false,
-            }),
-        )?;
+        crate::chatml::write_configs(dir, pad, bos, eos, s.max_position_embeddings)?;
         let tok = covering_tokenizer(s.vocab_size)?;
         tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
         self.write_weights(dir, progress)

@@ -133,25 +133,7 @@ impl TinySpec {
             }
         }
         write_json(&dir.join("config.json"), &config)?;
-        write_json(
-            &dir.join("generation_config.json"),
-            &json!({ "bos_token_id": bos, "eos_token_id": [eos, pad], "pad_token_id": pad }),
-        )?;
-        write_json(
-            &dir.join("tokenizer_config.json"),
-            &json!({
-                "add_bos_token": false,
-                "add_eos_token": false,
-                "bos_token": BOS,
-                "eos_token": EOS,
-                "pad_token": PAD,
-                "unk_token": null,
-                "chat_template": CHAT_TEMPLATE,
-                "model_max_length": self.max_position_embeddings,
-                "tokenizer_class": "GPT2Tokenizer",
-                "clean_up_tokenization_spaces": false,
-            }),
-        )?;
+        crate::chatml::write_configs(dir, pad as usize, bos as usize, eos as usize, self.max_position_embeddings)?;
         write_safetensors(&dir.join("model.safetensors"), &self.weights())
     }
 

@@ -41,3 +41,40 @@ pub fn config_for(dir: &Path, model: &Path, extra: &str) -> (PathBuf, Config) {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_orchestrator"))
 }
+
+/// A tiny model, letter tasks and run configs against a judge URL, in a temp dir (run tests).
+pub struct RunSetup {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+}
+
+impl RunSetup {
+    pub fn new(tasks: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(&dir.path().join("model"), &TinySpec::llama(3));
+        orchestrator::data::write_tasks(&dir.path().join("tasks.jsonl"), &orchestrator::testkit::letters::letter_tasks(tasks), orchestrator::data::References::Required).unwrap();
+        Self { dir, model }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A config for a run against `judge_url`; `extra` is appended to `[learner]` (with no
+    /// `lr` in it, learner.lr is 2e-3; later keys of a section must not repeat the ones here).
+    pub fn config(&self, name: &str, judge_url: &str, run: &str, extra: &str) -> PathBuf {
+        let lr = if extra.lines().any(|l| l.trim_start().starts_with("lr ")) { "" } else { "lr = 2e-3\n" };
+        let extra = format!("{lr}{extra}");
+        let text = format!(
+            "[model]\npath = {:?}\ndtype = \"f32\"\n\n[engine]\nmax_num_seqs = 16\n[engine.sampling]\n\
+             temperature = 1.0\nmax_new_tokens = 16\n\n[run]\nseed = 11\n{run}\n\n[data]\ntasks = \"tasks.jsonl\"\n\n\
+             [judge]\nkind = \"openai\"\n[judge.openai]\nbase_url = \"{judge_url}\"\nmodel = \"scripted\"\n\
+             api_key_env = \"\"\nmax_concurrency = 16\nmax_retries = 0\nbreaker_failures = 0\n\n\
+             [learner]\nalgorithm = \"grpo\"\nthreads = 1\n{extra}\n",
+            self.model.display().to_string()
+        );
+        let p = self.path(&format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
