@@ -24,6 +24,15 @@ fn cfg() -> LearnerConfig {
     LearnerConfig { threads: 2, ..LearnerConfig::default() }
 }
 
+/// libtorch has one global random generator, and `Learner::new` seeds it (LoRA init, dropout
+/// masks draw from it). Tests of this binary run in parallel threads, so each holds this lock:
+/// otherwise one test's draws land between another's seeding and its draws, and a bit-exact
+/// comparison fails at random. (A training process has one learner.)
+fn tch_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One sequence at a time: mistral.rs 0.8.1's batched CPU decode mixes the attention outputs
 /// of sequences that share a step (see tests/engine.rs), which would corrupt the reference.
 async fn engine_for(dir: &Path) -> MistralEngine {
@@ -57,6 +66,7 @@ fn eos_ids(dir: &Path) -> Vec<u32> {
 /// and logit chunks small enough that both code paths split.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprob_parity_with_the_engine() {
+    let _tch = tch_lock();
     for spec in [TinySpec::llama(21), TinySpec::qwen2(22)] {
         let tmp = tempfile::tempdir().unwrap();
         let dir = common::tiny_model(tmp.path(), &spec);
@@ -98,6 +108,7 @@ fn load_err(dir: &Path) -> String {
 
 #[test]
 fn model_files_are_checked_by_name() {
+    let _tch = tch_lock();
     tch::set_num_threads(2);
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::qwen2(3));
@@ -179,6 +190,7 @@ fn model_files_are_checked_by_name() {
 /// sequence the logits it has alone.
 #[test]
 fn padding_does_not_change_logits() {
+    let _tch = tch_lock();
     tch::set_num_threads(2);
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(tmp.path(), &TinySpec::llama(8));
@@ -220,6 +232,7 @@ fn seq_logp(l: &Learner, ts: &[Trajectory]) -> Vec<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ppo_and_grpo_raise_rewarded_and_lower_penalised_sequences() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(tmp.path(), &TinySpec::qwen2(31));
     let groups = rollouts(&dir, 4, 1.0, 16).await;
@@ -268,6 +281,7 @@ fn trainable_snapshot(l: &Learner) -> Vec<(String, Tensor)> {
 /// 4 updates straight equal 2 updates, save, a fresh learner, load, 2 updates: bit for bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_is_bit_exact() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::llama(41));
     let groups = rollouts(&dir, 3, 1.0, 12).await;
@@ -322,6 +336,7 @@ async fn resume_is_bit_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_checkpoints_name_the_tensor() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::llama(51));
     let l = Learner::new(&cfg(), &dir, 0).unwrap();
@@ -366,6 +381,7 @@ async fn bad_checkpoints_name_the_tensor() {
 /// same greedy tokens as the learner's own greedy decode; the adapter uses PEFT's names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_serve_the_trained_policy() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::llama(61));
     let groups = rollouts(&dir, 2, 1.0, 12).await;
@@ -411,6 +427,7 @@ async fn exports_serve_the_trained_policy() {
 /// Per-layer recompute gives the same update as keeping every activation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_recompute_gives_the_same_update() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::qwen2(71));
     // Four samples per prompt, two rewarded: with two, every reward is 1, every advantage 0 and
@@ -441,6 +458,7 @@ async fn activation_recompute_gives_the_same_update() {
 /// `max_skipped_steps` in a row the update fails with `Diverged`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_finite_gradients_skip_the_step_and_then_stop() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::llama(73));
     let ts = scored(&rollouts(&dir, 4, 1.0, 8).await);
@@ -480,6 +498,7 @@ async fn non_finite_gradients_skip_the_step_and_then_stop() {
 /// with --allow-config-change), never served stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_sync_weights_follow_the_model_and_targets() {
+    let _tch = tch_lock();
     use orchestrator::trainer::sync::export;
     let tmp = tempfile::tempdir().unwrap();
     let a = common::tiny_model(&tmp.path().join("a"), &TinySpec::llama(91));
@@ -521,6 +540,7 @@ async fn frozen_sync_weights_follow_the_model_and_targets() {
 /// significant digits, which would put every ln-prob of a bf16 learner off by as much.
 #[test]
 fn bf16_logprobs_use_an_f32_head() {
+    let _tch = tch_lock();
     use orchestrator::learner::batch::{token_stats, Entropy};
     // Data from our own RNG: libtorch's global generator is shared with the other tests of this
     // binary (the learner seeds it), and drawing from it here would make their runs differ.
@@ -548,6 +568,7 @@ fn bf16_logprobs_use_an_f32_head() {
 /// The `[learner]` section loads from TOML with the rest of the config; bad values name their key.
 #[test]
 fn learner_config_section_loads_and_names_bad_keys() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     let extra = "[learner]\nalgorithm = \"grpo\"\nlr = 2e-5\ndual_clip = 3.0\n[learner.lora]\nenabled = true\nrank = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n";
@@ -567,6 +588,7 @@ fn learner_config_section_loads_and_names_bad_keys() {
 /// bf16 weights train through f32 master copies, and the masters survive save/load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_updates_through_f32_masters() {
+    let _tch = tch_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::qwen2(81));
     let ts = scored(&rollouts(&dir, 4, 1.0, 12).await);
@@ -598,6 +620,7 @@ async fn bf16_updates_through_f32_masters() {
 #[test]
 #[ignore = "needs a real model directory in ORCH_PARITY_MODEL"]
 fn bf16_head_parity_on_a_real_model() {
+    let _tch = tch_lock();
     tch::set_num_threads(2);
     let dir = std::path::PathBuf::from(std::env::var("ORCH_PARITY_MODEL").expect("ORCH_PARITY_MODEL"));
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
@@ -636,6 +659,7 @@ fn bf16_head_parity_on_a_real_model() {
 /// truncated and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_tis_is_one_on_policy_and_engages_off_policy() {
+    let _tch = tch_lock();
     use orchestrator::learner::config::IsCorrection;
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(&tmp.path().join("m"), &TinySpec::llama(95));
