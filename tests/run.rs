@@ -654,16 +654,7 @@ async fn lora_sync_writes_only_the_adapted_weights_and_the_engine_serves_them() 
     use orchestrator::engine::{Engine, GenRequest, MistralEngine, SamplingConfig, SeedKey};
     let s = Setup::new(4);
     // Prefers the shorter answer: mixed outcomes, so the update moves the adapters.
-    let server = ScriptedServer::start(orchestrator::testkit::scripted::rules::verdict_by(|a, b| {
-        use orchestrator::judge::Verdict;
-        match a.len().cmp(&b.len()) {
-            std::cmp::Ordering::Less => Verdict::First,
-            std::cmp::Ordering::Greater => Verdict::Second,
-            std::cmp::Ordering::Equal => Verdict::Tie,
-        }
-    }))
-    .await
-    .unwrap();
+    let server = ScriptedServer::start(orchestrator::testkit::letters::shorter_judge()).await.unwrap();
     let run = "steps = 2\nbatch_prompts = 2\nn_samples = 4\nsave_every = 2";
     let lora = "[learner.lora]\nenabled = true\nrank = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n";
     let config = s.config("lora", &server.base_url(), run, lora);

@@ -27,3 +27,13 @@ pub fn more_a_judge() -> Behavior {
         }
     })
 }
+
+/// Prefers the shorter answer; a tie when equal. Mixed outcomes on short random rollouts, so an
+/// update has something to learn from.
+pub fn shorter_judge() -> Behavior {
+    rules::verdict_by(|first, second| match first.len().cmp(&second.len()) {
+        std::cmp::Ordering::Less => Verdict::First,
+        std::cmp::Ordering::Greater => Verdict::Second,
+        std::cmp::Ordering::Equal => Verdict::Tie,
+    })
+}
