@@ -15,33 +15,32 @@ pub mod bench;
 pub mod prepare;
 pub mod record;
 pub mod state;
+mod rollouts;
 pub mod sync;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, Semaphore};
 
 use crate::checkpoint::{Checkpoints, Retention};
-use crate::config::{Config, OnJudgeDown};
+use crate::config::Config;
 use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
-use crate::engine::{ChatMessage, Engine, FinishReason, GenRequest, MistralEngine, Role, Rollout, SeedKey};
-use crate::seed::splitmix64;
+use crate::engine::{ChatMessage, Engine, FinishReason, MistralEngine, Role, Rollout};
 use crate::judge::{Judge, JudgeHealth};
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
 use crate::progress::Progress;
-use crate::reward::{self, RewardInput, RewardOutcome, RewardStats};
+use crate::reward::RewardStats;
 use crate::rundir::{config_hash, RunDir};
 
 use record::{mean_std, samples_file, SampleRecord, StepRecord};
 use crate::rundir::{LEARNER_DIR, POLICY_DIR};
 use state::TrainerState;
+use rollouts::{Judged, JudgeDown};
 use sync::Served;
 
 pub use prepare::{prepare, run_dir_for, Prepared, Resume, RunOptions};
@@ -66,9 +65,6 @@ pub fn task_messages(task: &Task) -> Vec<ChatMessage> {
     m
 }
 
-/// Why a canceled rollout is unscored: it was never sent to the judge.
-const CANCELED: &str = "generation canceled by the engine (not judged, not trained on)";
-
 /// A scored rollout as the learner takes it. Unscored (and canceled) rollouts have no reward
 /// and so no trajectory.
 pub fn trajectory(r: &Rollout, reward: f64, group: u64) -> Trajectory {
@@ -79,11 +75,6 @@ pub fn trajectory(r: &Rollout, reward: f64, group: u64) -> Trajectory {
         reward,
         group,
     }
-}
-
-/// A rollout's key for seeded reward order (`position = random`).
-fn reward_key(step: u64, prompt: usize, sample: usize) -> u64 {
-    splitmix64(splitmix64(splitmix64(step) ^ prompt as u64) ^ sample as u64)
 }
 
 /// The learner lives on blocking threads (tch work); it is moved there and back for each call.
@@ -150,12 +141,6 @@ impl Bars {
             let _ = self.multi.println(line.as_ref());
         }
     }
-}
-
-/// A rollout with its reward, as the step collects them.
-struct Judged {
-    rollout: Rollout,
-    reward: RewardOutcome,
 }
 
 pub struct Trainer {
@@ -396,152 +381,6 @@ impl Trainer {
         Ok(secs)
     }
 
-    /// Generates the step's rollouts and judges each as soon as it is finished.
-    async fn generate_and_judge(&self, step: u64, batch: &[usize]) -> Result<(Vec<Vec<Judged>>, f64, f64)> {
-        let n = self.cfg.run.n_samples;
-        let requests: Vec<GenRequest> = batch
-            .iter()
-            .enumerate()
-            .map(|(pi, &ti)| GenRequest {
-                messages: task_messages(&self.tasks[ti]),
-                n,
-                seed: SeedKey::new(self.cfg.run.seed, step, pi as u64),
-            })
-            .collect();
-        let references: Vec<Arc<str>> = batch
-            .iter()
-            .map(|&ti| Arc::from(self.curriculum.reference(&self.tasks[ti]).expect("every task has a reference")))
-            .collect();
-        self.bars.rollouts.restart((batch.len() * n) as u64);
-        self.bars.verdicts.restart((batch.len() * n) as u64);
-
-        let t0 = Instant::now();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Rollout>();
-        let engine = self.engine.clone();
-        let sampling = self.cfg.engine.sampling.clone();
-        let generate = async move {
-            let r = engine.generate_into(&requests, &sampling, tx).await;
-            (r, t0.elapsed().as_secs_f64())
-        };
-        let judging = async {
-            let permits = Arc::new(Semaphore::new(self.cfg.run.judge_concurrency));
-            let mut pending = FuturesUnordered::new();
-            let mut out: Vec<Vec<Judged>> = batch.iter().map(|_| Vec::new()).collect();
-            let mut open = true;
-            let mut retries = 0u64;
-            loop {
-                tokio::select! {
-                    r = rx.recv(), if open => match r {
-                        Some(rollout) => {
-                            self.bars.rollouts.inc(1);
-                            let task = self.tasks[batch[rollout.request]].clone();
-                            let reference = references[rollout.request].clone();
-                            let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
-                            let key = reward_key(step, rollout.request, rollout.sample);
-                            pending.push(async move {
-                                if rollout.finish_reason == FinishReason::Canceled {
-                                    return Judged { rollout, reward: RewardOutcome::unscored(CANCELED) };
-                                }
-                                let _permit = permits.acquire_owned().await.expect("semaphore open");
-                                let input = RewardInput {
-                                    prompt: &task.prompt,
-                                    criteria: task.criteria.as_deref(),
-                                    response: &rollout.text,
-                                    reference: &reference,
-                                };
-                                let reward = reward::reward(&*judge, &cfg, input, key).await;
-                                Judged { rollout, reward }
-                            });
-                        }
-                        None => open = false,
-                    },
-                    Some(j) = pending.next(), if !pending.is_empty() => {
-                        retries += j.reward.retries() as u64;
-                        self.bars.verdicts.inc(1);
-                        self.bars.verdicts.set_message(format!("{retries} retries"));
-                        out[j.rollout.request].push(j);
-                    }
-                    else => break,
-                }
-            }
-            out
-        };
-        let ((gen, t_generate), mut out) = tokio::join!(generate, judging);
-        gen?;
-        let t_all = t0.elapsed().as_secs_f64();
-        for group in &mut out {
-            group.sort_by_key(|j| j.rollout.sample);
-        }
-        Ok((out, t_generate, (t_all - t_generate).max(0.0)))
-    }
-
-    /// Re-asks the judge for unscored rollouts (after the breaker closed again).
-    async fn rejudge(&self, step: u64, batch: &[usize], groups: &mut [Vec<Judged>]) {
-        let mut pending = FuturesUnordered::new();
-        let permits = Arc::new(Semaphore::new(self.cfg.run.judge_concurrency));
-        for (pi, group) in groups.iter().enumerate() {
-            for (si, j) in group.iter().enumerate() {
-                if !j.reward.is_unscored() || j.rollout.finish_reason == FinishReason::Canceled {
-                    continue;
-                }
-                let task = self.tasks[batch[pi]].clone();
-                let reference = self.curriculum.reference(&task).expect("reference").to_string();
-                let response = j.rollout.text.clone();
-                let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
-                let key = reward_key(step, pi, j.rollout.sample);
-                pending.push(async move {
-                    let _permit = permits.acquire_owned().await.expect("semaphore open");
-                    let input = RewardInput {
-                        prompt: &task.prompt,
-                        criteria: task.criteria.as_deref(),
-                        response: &response,
-                        reference: &reference,
-                    };
-                    (pi, si, reward::reward(&*judge, &cfg, input, key).await)
-                });
-            }
-        }
-        while let Some((pi, si, r)) = pending.next().await {
-            groups[pi][si].reward = r;
-        }
-    }
-
-    /// Waits out an open breaker (`on_judge_down = pause`) or gives up. A stop signal ends the
-    /// wait at once: the step is abandoned like one interrupted mid-generation.
-    async fn handle_judge_down(&self, step: u64, batch: &[usize], groups: &mut [Vec<Judged>]) -> JudgeDown {
-        let started = Instant::now();
-        let mut asked_again = false;
-        loop {
-            let JudgeHealth::Down { consecutive_failures, last_error, retry_in_secs } = self.judge.health() else {
-                if asked_again {
-                    // The probe closed the breaker; the calls it refused meanwhile go again.
-                    self.rejudge(step, batch, groups).await;
-                }
-                return JudgeDown::Recovered;
-            };
-            let reason = format!("judge unavailable: {consecutive_failures} consecutive failures, last: {last_error}");
-            let waited = started.elapsed().as_secs_f64();
-            if self.cfg.run.on_judge_down == OnJudgeDown::Stop || waited >= self.cfg.run.judge_down_max_wait_secs {
-                return JudgeDown::GiveUp(reason);
-            }
-            if self.stop.load(Ordering::SeqCst) {
-                return JudgeDown::Interrupted;
-            }
-            let wait = retry_in_secs.clamp(0.2, 30.0).min(self.cfg.run.judge_down_max_wait_secs - waited + 0.01);
-            self.bars.log(format!("step {step}: {reason}; pausing {wait:.1}s before asking again"));
-            let notify = self.stop_notify.clone();
-            let interrupted = tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs_f64(wait)) => false,
-                _ = notify.notified() => true,
-            };
-            if interrupted || self.stop.load(Ordering::SeqCst) {
-                return JudgeDown::Interrupted;
-            }
-            self.rejudge(step, batch, groups).await;
-            asked_again = true;
-        }
-    }
-
     async fn step_once(&mut self) -> Result<StepEnd> {
         let t_step = Instant::now();
         let step = self.step + 1;
@@ -756,11 +595,4 @@ enum StepEnd {
     Done,
     Interrupted,
     JudgeDown(String),
-}
-
-/// How waiting out an open breaker ended.
-enum JudgeDown {
-    Recovered,
-    GiveUp(String),
-    Interrupted,
 }
