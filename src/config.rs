@@ -235,6 +235,10 @@ impl Config {
         if self.model.path.is_relative() {
             self.model.path = base.join(&self.model.path);
         }
+        let export = &mut self.engine.remote.export_dir;
+        if !export.as_os_str().is_empty() && export.is_relative() {
+            *export = base.join(&*export);
+        }
         self.judge.resolve_paths(base);
         self.data.resolve_paths(base);
     }
@@ -252,7 +256,7 @@ impl Config {
                 p.push(key, format!("{msg}; this binary has no CUDA (scripts/build-cuda.sh builds one)"));
             }
         }
-        self.engine.validate("engine", &mut p);
+        self.engine.validate_with("engine", self.learner.lora.enabled, &mut p);
         self.run.validate("run", &mut p);
         self.judge.validate("judge", &mut p);
         self.reward.validate("reward", &mut p);
@@ -280,6 +284,18 @@ impl Config {
                  off-policy and uncorrected; set learner.is_correction = \"token-tis\" or sync_every = 1",
                 self.run.sync_every,
                 self.run.sync_every - 1
+            ));
+        }
+        let (e, s) = (&self.engine, &self.engine.sampling);
+        if e.backend == crate::engine::Backend::Remote
+            && e.remote.kind == crate::engine::remote::RemoteKind::Vllm
+            && (s.top_p < 1.0 || s.top_k > 0)
+        {
+            w.push(format!(
+                "engine.remote.kind = \"vllm\" with engine.sampling.top_p = {} / top_k = {}: vLLM's processed log-probs \
+                 are renormalised over the tokens top-p/top-k keep, so they sit above the learner's full-vocabulary \
+                 ones (the importance ratio is < 1 on every token); keep top_p = 1 and top_k = 0 for exact ratios",
+                s.top_p, s.top_k
             ));
         }
         w

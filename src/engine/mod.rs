@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod mistral;
+pub mod remote;
 pub mod sampler;
 
 use std::path::Path;
@@ -15,11 +16,15 @@ use tokio::sync::mpsc;
 use crate::validate::Problems;
 
 pub use mistral::{request_concurrency, MistralEngine};
+pub use remote::{RemoteConfig, RemoteEngine};
 pub use sampler::SeedKey;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
+    /// `embedded`: mistral.rs in this process; `remote`: a pool of vLLM or SGLang servers
+    /// (`[engine.remote]`). `sampling` applies to both; the other keys to `embedded` only.
+    pub backend: Backend,
     /// Sequences the engine runs at once (mistral.rs scheduler): requests in flight are
     /// decoded together in one batch.
     pub max_num_seqs: usize,
@@ -31,20 +36,39 @@ pub struct EngineConfig {
     pub serial: bool,
     pub sampling: SamplingConfig,
     pub paged_attention: PagedAttentionConfig,
+    pub remote: RemoteConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Embedded,
+    Remote,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
+            backend: Backend::Embedded,
             max_num_seqs: 32,
             serial: false,
             sampling: SamplingConfig::default(),
             paged_attention: PagedAttentionConfig::default(),
+            remote: RemoteConfig::default(),
         }
     }
 }
 
 impl EngineConfig {
+    /// `lora_enabled` is `learner.lora.enabled` (LoRA pushes need adapters).
+    pub fn validate_with(&self, key: &str, lora_enabled: bool, p: &mut Problems) {
+        self.validate(key, p);
+        if self.backend == Backend::Remote {
+            self.remote.validate(&format!("{key}.remote"), lora_enabled, p);
+        }
+    }
+
     pub fn validate(&self, key: &str, p: &mut Problems) {
         if self.max_num_seqs == 0 {
             p.push(&format!("{key}.max_num_seqs"), "must be >= 1, got 0");
@@ -201,6 +225,17 @@ pub struct Rollout {
     pub text: String,
 }
 
+/// The form of the learner's weights an engine takes at a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A full HF model directory (the embedded engine; `weight_push = "disk"`).
+    HfDir,
+    /// A PEFT adapter directory (`weight_push = "lora"`).
+    Adapter,
+    /// Nothing: the engine keeps its weights (`weight_push = "none"`).
+    Nothing,
+}
+
 /// What the trainer needs from a generator of rollouts.
 #[async_trait]
 pub trait Engine: Send + Sync {
@@ -215,6 +250,18 @@ pub trait Engine: Send + Sync {
 
     /// Swaps in the weights of the HF model directory `dir` (same architecture and tokenizer).
     async fn reload(&self, dir: &Path) -> Result<()>;
+
+    /// What [`Engine::push`] takes.
+    fn weight_format(&self) -> WeightFormat {
+        WeightFormat::HfDir
+    }
+
+    /// Serves the learner's weights after `step` steps, written to `dir` in
+    /// [`Engine::weight_format`], from the next generation on.
+    async fn push(&self, step: u64, dir: &Path) -> Result<()> {
+        let _ = step;
+        self.reload(dir).await
+    }
 
     /// All rollouts, grouped by request and ordered by sample index.
     async fn generate(

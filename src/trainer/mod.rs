@@ -29,7 +29,8 @@ use crate::checkpoint::{Checkpoints, Retention};
 use crate::config::Config;
 use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
-use crate::engine::{ChatMessage, Engine, FinishReason, MistralEngine, Role, Rollout};
+use crate::engine::remote::PoolShort;
+use crate::engine::{Backend, ChatMessage, Engine, FinishReason, MistralEngine, RemoteEngine, Role, Rollout, WeightFormat};
 use crate::judge::{Judge, JudgeHealth};
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
@@ -201,7 +202,6 @@ impl Trainer {
         .context("learner thread panicked")??;
         eprintln!("learner ready in {:.1}s", t0.elapsed().as_secs_f64());
 
-        let policy_root = run.root.join("policy");
         let (curriculum, sampler, step, dirty, served_step) = match (&saved, &checkpoint) {
             (Some(s), Some(_)) => (
                 Curriculum::restore(&cfg.curriculum, &tasks, s.curriculum.clone())?,
@@ -219,25 +219,35 @@ impl Trainer {
             ),
         };
         // The weights the engine served when the checkpoint was written.
+        let format = sync::weight_format(&cfg);
+        let policy_root = sync::export_root(&cfg, &run);
         sync::clean(&policy_root, None)?;
         let mut learner = Some(learner);
-        let served = if served_step == 0 {
+        let served = if served_step == 0 || format == WeightFormat::Nothing {
             Served { path: cfg.model.path.clone(), step: 0, owned: false }
         } else {
-            let dir = sync::export_dir(&policy_root, served_step);
+            let dir = sync::export_path(&cfg, &policy_root, served_step);
             let ckpt = checkpoint.as_ref().expect("served_step > 0 comes from a checkpoint");
             if ckpt.join(POLICY_DIR).is_dir() {
                 sync::link_files(&ckpt.join(POLICY_DIR), &dir)?;
             } else {
-                let root = policy_root.clone();
-                on_learner(&mut learner, move |l| sync::export(l, &root, served_step)).await??;
+                let d = dir.clone();
+                on_learner(&mut learner, move |l| sync::export_as(l, format, &d)).await??;
             }
             Served { path: dir, step: served_step, owned: true }
         };
         let t0 = Instant::now();
-        let mut model = cfg.model.clone();
-        model.path = served.path.clone();
-        let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&model, &cfg.engine).await?);
+        let engine: Arc<dyn Engine> = match cfg.engine.backend {
+            Backend::Embedded => {
+                let mut model = cfg.model.clone();
+                model.path = served.path.clone();
+                Arc::new(MistralEngine::load(&model, &cfg.engine).await?)
+            }
+            Backend::Remote => {
+                let pushed = served.owned.then(|| (served.step, served.path.clone()));
+                Arc::new(RemoteEngine::connect(&cfg.engine.remote, &cfg.model.path, pushed).await?)
+            }
+        };
         eprintln!("engine ready in {:.1}s ({})", t0.elapsed().as_secs_f64(), served.path.display());
 
         let metrics = MetricsWriter::open(&run.metrics(), Some(step))?;
@@ -326,7 +336,17 @@ impl Trainer {
             if self.stop.load(Ordering::SeqCst) {
                 return self.interrupted().await;
             }
-            match self.step_once().await? {
+            let before = self.sampler.clone();
+            let end = match self.step_once().await {
+                Err(e) if e.downcast_ref::<PoolShort>().is_some() => {
+                    // Nothing of the step was trained on: checkpoint where it started and stop.
+                    self.sampler = before;
+                    self.save_if_needed(None).await?;
+                    return Err(e.context(format!("stopped before step {} (checkpoint at step {}); resume once the pool is back", self.step + 1, self.step)));
+                }
+                r => r?,
+            };
+            match end {
                 StepEnd::Done => {}
                 StepEnd::Interrupted => return self.interrupted().await,
                 StepEnd::JudgeDown(reason) => {
@@ -455,12 +475,9 @@ impl Trainer {
         let (mut t_sync, mut sync_bytes) = (0.0, 0u64);
         if step % self.cfg.run.sync_every == 0 && self.dirty {
             let t = Instant::now();
-            let root = self.run.root.join("policy");
-            let (dir, exported) = on_learner(&mut self.learner, move |l| sync::export(l, &root, step)).await??;
-            sync::switch(&*self.engine, &mut self.served, dir, step).await?;
+            sync_bytes = self.sync_engine(step).await?;
             self.dirty = false;
             t_sync = t.elapsed().as_secs_f64();
-            sync_bytes = exported.bytes + exported.frozen_bytes;
         }
         self.step = step;
 

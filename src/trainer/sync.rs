@@ -9,15 +9,22 @@
 //! `model.path` or LoRA target list writes it again. An export is built in a staging
 //! directory, renamed to `step-NNNNNN`, the engine reloads from it, and the previous export is
 //! deleted. mistral.rs cannot swap in a LoRA adapter at run time, so the merged weights go over.
+//!
+//! A remote engine (`engine.backend = "remote"`) takes what `engine.remote.weight_push` says: the
+//! PEFT adapter (`lora`) or the same HF directory (`disk`), written under
+//! `engine.remote.export_dir` as `policy-vNNNNNN` (the version name the servers load it under).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::engine::Engine;
+use crate::config::Config;
+use crate::engine::remote::{version_name, WeightPush};
+use crate::engine::{Backend, Engine, WeightFormat};
 use crate::learner::io::write_sources;
 use crate::learner::Learner;
+use crate::rundir::RunDir;
 
 const FROZEN: &str = "frozen.safetensors";
 const FROZEN_KEY: &str = "frozen.key";
@@ -44,9 +51,14 @@ fn file_bytes(p: &Path) -> u64 {
 
 /// Writes the learner's current weights as `<root>/step-NNNNNN` (blocking: tch work).
 pub fn export(learner: &Learner, root: &Path, step: u64) -> Result<(PathBuf, Exported)> {
+    export_to(learner, root, &format!("step-{step:06}"))
+}
+
+/// Writes the learner's current weights as the HF directory `<root>/<name>`.
+pub fn export_to(learner: &Learner, root: &Path, name: &str) -> Result<(PathBuf, Exported)> {
     let t0 = Instant::now();
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let staging = root.join(format!(".staging-step-{step:06}"));
+    let staging = root.join(format!(".staging-{name}"));
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
@@ -77,13 +89,90 @@ pub fn export(learner: &Learner, root: &Path, step: u64) -> Result<(PathBuf, Exp
         write_sources(&p, split.changed, None, false)?;
         out.bytes += file_bytes(&p);
     }
-    let fin = export_dir(root, step);
+    let fin = root.join(name);
     if fin.exists() {
         std::fs::remove_dir_all(&fin)?;
     }
     std::fs::rename(&staging, &fin).with_context(|| format!("renaming {} to {}", staging.display(), fin.display()))?;
     out.secs = t0.elapsed().as_secs_f64();
     Ok((fin, out))
+}
+
+/// Writes the learner's LoRA adapter in PEFT layout as `<root>/<name>`.
+pub fn export_adapter(learner: &Learner, root: &Path, name: &str) -> Result<(PathBuf, Exported)> {
+    let t0 = Instant::now();
+    let staging = root.join(format!(".staging-{name}"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    learner.export_adapter(&staging)?;
+    let mut out = Exported::default();
+    for e in std::fs::read_dir(&staging)? {
+        out.bytes += file_bytes(&e?.path());
+    }
+    let fin = root.join(name);
+    if fin.exists() {
+        std::fs::remove_dir_all(&fin)?;
+    }
+    std::fs::rename(&staging, &fin).with_context(|| format!("renaming {} to {}", staging.display(), fin.display()))?;
+    out.secs = t0.elapsed().as_secs_f64();
+    Ok((fin, out))
+}
+
+/// What the configured engine takes at a sync.
+pub fn weight_format(cfg: &Config) -> WeightFormat {
+    match (cfg.engine.backend, cfg.engine.remote.weight_push) {
+        (Backend::Embedded, _) => WeightFormat::HfDir,
+        (Backend::Remote, WeightPush::Lora) => WeightFormat::Adapter,
+        (Backend::Remote, WeightPush::Disk) => WeightFormat::HfDir,
+        (Backend::Remote, WeightPush::None) => WeightFormat::Nothing,
+    }
+}
+
+/// Where exports go: `<run>/policy` for the embedded engine, `engine.remote.export_dir` (a path
+/// the servers read) for a remote one.
+pub fn export_root(cfg: &Config, run: &RunDir) -> PathBuf {
+    match cfg.engine.backend {
+        Backend::Embedded => run.root.join("policy"),
+        Backend::Remote => cfg.engine.remote.export_dir.clone(),
+    }
+}
+
+/// The directory of step `step`'s export under `root`.
+pub fn export_path(cfg: &Config, root: &Path, step: u64) -> PathBuf {
+    match cfg.engine.backend {
+        Backend::Embedded => export_dir(root, step),
+        Backend::Remote => root.join(version_name(step)),
+    }
+}
+
+/// Writes step `step`'s export in `format` (blocking: tch work).
+pub fn export_as(learner: &Learner, format: WeightFormat, dir: &Path) -> Result<(PathBuf, Exported)> {
+    let root = dir.parent().context("export directory has no parent")?;
+    let name = dir.file_name().context("export directory has no name")?.to_string_lossy().to_string();
+    match format {
+        WeightFormat::HfDir => export_to(learner, root, &name),
+        WeightFormat::Adapter => {
+            std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+            export_adapter(learner, root, &name)
+        }
+        WeightFormat::Nothing => anyhow::bail!("this engine takes no weights"),
+    }
+}
+
+impl super::Trainer {
+    /// Exports the learner's weights in the form the engine takes and switches the engine to
+    /// them; returns the bytes written (0 when the engine takes no weights).
+    pub(super) async fn sync_engine(&mut self, step: u64) -> Result<u64> {
+        let format = weight_format(&self.cfg);
+        if format == WeightFormat::Nothing {
+            return Ok(0);
+        }
+        let dir = export_path(&self.cfg, &export_root(&self.cfg, &self.run), step);
+        let (dir, exported) = super::on_learner(&mut self.learner, move |l| export_as(l, format, &dir)).await??;
+        switch(&*self.engine, &mut self.served, dir, step).await?;
+        Ok(exported.bytes + exported.frozen_bytes)
+    }
 }
 
 /// Which weights the engine serves: the starting model or an export under the run directory.
@@ -97,11 +186,11 @@ pub struct Served {
     pub owned: bool,
 }
 
-/// Reloads the engine from `dir` and deletes the export it replaces. A failed reload leaves the
-/// engine serving the old weights and is an error.
+/// Switches the engine to `dir` (step `step`'s export) and deletes the export it replaces. A
+/// failed switch leaves the engine serving the old weights and is an error.
 pub async fn switch(engine: &dyn Engine, served: &mut Served, dir: PathBuf, step: u64) -> Result<f64> {
     let t0 = Instant::now();
-    engine.reload(&dir).await?;
+    engine.push(step, &dir).await?;
     let old = std::mem::replace(served, Served { path: dir, step, owned: true });
     if old.owned && old.path != served.path {
         std::fs::remove_dir_all(&old.path).with_context(|| format!("removing old export {}", old.path.display()))?;
@@ -117,7 +206,7 @@ pub fn clean(root: &Path, keep: Option<&Path>) -> Result<()> {
     for e in std::fs::read_dir(root)? {
         let p = e?.path();
         let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
-        let stale = name.starts_with(".staging-step-") || name.starts_with("step-");
+        let stale = name.starts_with(".staging-") || name.starts_with("step-") || name.starts_with(crate::engine::remote::VERSION_PREFIX);
         if p.is_dir() && stale && Some(p.as_path()) != keep {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }
