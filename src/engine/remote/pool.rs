@@ -130,7 +130,15 @@ fn describe(e: reqwest::Error) -> anyhow::Error {
     } else {
         "request failed"
     };
-    anyhow::anyhow!("{kind}: {}", e.without_url())
+    // reqwest's own text is generic ("error sending request"); the cause is in its sources
+    // (hyper's and the OS's, which carry neither the URL nor any header).
+    let mut causes = String::new();
+    let mut src = std::error::Error::source(&e);
+    while let Some(c) = src {
+        causes.push_str(&format!(": {c}"));
+        src = c.source();
+    }
+    anyhow::anyhow!("{kind}: {}{causes}", e.without_url())
 }
 
 impl Pool {
