@@ -537,3 +537,48 @@ async fn lora_pushes_serve_the_learners_policy() {
         }
     }
 }
+
+/// The hidden subcommand: prints its URL, serves, requires the key from the named variable,
+/// and dies with kill -9 like any server process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_test_pool_subcommand_serves_until_killed() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model(tmp.path());
+    let s = SamplingConfig::greedy(4);
+    for d in [Dialect::Vllm, Dialect::Sglang] {
+        let dialect = if d == Dialect::Vllm { "vllm" } else { "sglang" };
+        let mut child = std::process::Command::new(common::bin())
+            .args(["serve-test-pool", "--dialect", dialect, "--model", dir.to_str().unwrap(), "--name", NAME, "--serial"])
+            .args(["--api-key-env", "POOL_TEST_KEY"])
+            .env("POOL_TEST_KEY", "k3y")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("listening on ") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the server exited before listening");
+        }
+        let base = line.trim().strip_prefix("listening on ").unwrap().to_string();
+        assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+        let url = format!("{base}{}", gen_path(d));
+        let b = body(d, &[1, 2, 3], None, 0, &s);
+        let client = reqwest::Client::new();
+        assert_eq!(client.post(&url).json(&b).send().await.unwrap().status().as_u16(), 401);
+        let r = client.post(&url).bearer_auth("k3y").json(&b).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        parse(d, &[1, 2, 3], &r.json().await.unwrap());
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(get(&base, "/health").await.unwrap_err().is_connect());
+    }
+    // A missing key variable is an error naming it, before anything is served.
+    let out = std::process::Command::new(common::bin())
+        .args(["serve-test-pool", "--dialect", "vllm", "--model", dir.to_str().unwrap(), "--name", NAME, "--api-key-env", "POOL_TEST_NO_SUCH_VAR"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("POOL_TEST_NO_SUCH_VAR"));
+}
