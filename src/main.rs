@@ -83,6 +83,32 @@ enum Command {
     /// chunk; a verdict and the largest settings that fit.
     #[command(after_long_help = orchestrator::plan::ASSUMPTIONS)]
     Plan(orchestrator::plan::PlanArgs),
+    /// One vLLM or SGLang stand-in on 127.0.0.1 in the foreground, for tests of the remote
+    /// rollout pool that kill it (prints `listening on http://127.0.0.1:PORT`).
+    #[command(hide = true)]
+    ServeTestPool(ServeTestPoolArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeTestPoolArgs {
+    /// Which server's API to speak.
+    #[arg(long, value_enum)]
+    dialect: orchestrator::testkit::pool::Dialect,
+    /// HF model directory of the base model.
+    #[arg(long)]
+    model: PathBuf,
+    /// The name the base model is served under.
+    #[arg(long)]
+    name: String,
+    /// Port on 127.0.0.1 (0: a free one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Environment variable holding the API key clients must send (default: no key).
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// One request at a time (engine.serial): bit-exact results.
+    #[arg(long)]
+    serial: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -297,6 +323,16 @@ async fn dispatch(cmd: Command) -> Result<()> {
         }
         Command::Bench(BenchCommand::Learner(args)) => cli::bench_learner::run(args),
         Command::Plan(args) => orchestrator::plan::run(args),
+        Command::ServeTestPool(a) => {
+            use orchestrator::testkit::pool::{serve_foreground, PoolServerOptions};
+            let mut opts = PoolServerOptions::new(a.dialect, a.model, a.name);
+            if let Some(var) = a.api_key_env {
+                let key = std::env::var(&var).ok().filter(|k| !k.is_empty());
+                opts.api_key = Some(key.ok_or_else(|| anyhow::anyhow!("--api-key-env: environment variable {var} is not set or empty"))?);
+            }
+            opts.engine.serial = a.serial;
+            serve_foreground(opts, a.port).await
+        }
         Command::TinyModel { like: Some(like), dtype, layers, seed, out, .. } => {
             orchestrator::synth::write_cli(like, dtype, seed, layers, &out)?;
             Ok(())

@@ -226,6 +226,60 @@ async fn cpu_batched_decode_equals_single_decode() {
     assert!(m.max_lp_diff <= 1e-4, "ln p differs by {:.2e} from single decoding", m.max_lp_diff);
 }
 
+/// Prompt ids sent as they are (what a pool server does with a request's ids) give the chat
+/// path's rollouts: the same ids and log-probs for the chat path's `prompt_ids` and seed, greedy,
+/// seeded sampling with top-p/top-k, and with a stop string. Serial, so both paths compute each
+/// sequence alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_ids_give_the_chat_paths_rollouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The model of `stop_strings_end_generation`, whose greedy text takes a stop string.
+    let dir = common::tiny_model(tmp.path(), &TinySpec::llama(6));
+    let engine = engine_with(&dir, &engine_cfg(8, true)).await;
+    let nucleus = SamplingConfig { temperature: 0.8, top_p: 0.9, top_k: 40, max_new_tokens: 24, stop: vec![] };
+    // A stop string from the first prompt's greedy text. Greedy only: mistral.rs 0.8.1 panics
+    // on a stop string after invalid UTF-8 in the completion, which random sampling on the
+    // tiny model produces.
+    let greedy = engine.generate(&requests(&PROMPTS[..1], 1, 0), &sampling(0.0, 40)).await.unwrap();
+    let chars: Vec<char> = greedy[0][0].text.chars().collect();
+    assert!(chars.len() > 12, "greedy text too short for the test: {:?}", greedy[0][0].text);
+    let stopped = SamplingConfig { stop: vec![chars[8..11].iter().collect()], ..sampling(0.0, 40) };
+    let mut tokens = 0;
+    let mut finishes = std::collections::BTreeSet::new();
+    for (s, prompts) in [(sampling(0.0, 20), 4), (sampling(1.0, 24), 4), (nucleus, 4), (stopped, 1)] {
+        let reqs = requests(&PROMPTS[..prompts], 2, 31);
+        let chat = engine.generate(&reqs, &s).await.unwrap();
+        for (req, group) in reqs.iter().zip(&chat) {
+            let by_ids = engine.generate_ids(&group[0].prompt_ids, 2, &s, req.seed).await.unwrap();
+            assert_eq!(by_ids.len(), 2);
+            for (c, r) in group.iter().zip(&by_ids) {
+                assert_eq!(r.sample, c.sample);
+                assert_eq!(r.prompt_ids, c.prompt_ids);
+                assert_eq!(r.ids, c.ids, "T={} sample {}", s.temperature, c.sample);
+                assert_eq!(r.finish_reason, c.finish_reason);
+                assert_eq!(r.text, c.text);
+                let worst = r.logprobs.iter().zip(&c.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst <= 1e-5, "ln p differs by {worst:.2e}");
+                tokens += r.ids.len();
+                finishes.insert(format!("{:?}", r.finish_reason));
+            }
+            // The sample seed alone fixes one sample.
+            let one = engine.generate_ids_seeded(&group[1].prompt_ids, &s, req.seed.sample_seed(1)).await.unwrap();
+            assert_eq!(one.ids, group[1].ids);
+        }
+        // Different seeds draw differently (not just the same greedy answer).
+        if s.temperature > 0.0 {
+            assert!(chat.iter().any(|g| g[0].ids != g[1].ids));
+        } else if !s.stop.is_empty() {
+            assert_eq!(chat[0][0].finish_reason, FinishReason::Stop, "the stop string {:?} must end {:?}; got {:?}", s.stop, greedy[0][0].text, chat[0][0]);
+        }
+    }
+    assert!(tokens >= 200, "too few tokens for the test to mean anything: {tokens}");
+    assert!(finishes.contains("Stop") && finishes.contains("Length"), "{finishes:?}");
+    // An empty prompt is an error, not a panic.
+    assert!(engine.generate_ids(&[], 1, &sampling(0.0, 4), SeedKey::new(0, 0, 0)).await.is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_end_generation() {
     let tmp = tempfile::tempdir().unwrap();

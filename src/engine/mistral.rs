@@ -7,13 +7,14 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use futures::stream::{FuturesUnordered, StreamExt};
 use mistralrs::{
-    ChatCompletionResponse, GgufModelBuilder, MemoryGpuConfig, Model, ModelDType, PagedAttentionMetaBuilder,
-    RequestBuilder, StopTokens, TextMessageRole, TextModelBuilder, TokenSource,
+    ChatCompletionResponse, Constraint, GgufModelBuilder, MemoryGpuConfig, Model, ModelDType, NormalRequest,
+    PagedAttentionMetaBuilder, RequestBuilder, RequestLike, RequestMessage, Response, StopTokens, TextMessageRole,
+    TextModelBuilder, TokenSource,
 };
 use tokio::sync::{mpsc, RwLock, Semaphore};
 
 use super::sampler::{RecordingSampler, TokenSampling};
-use super::{ChatMessage, Engine, EngineConfig, FinishReason, GenRequest, Role, Rollout, SamplingConfig};
+use super::{ChatMessage, Engine, EngineConfig, FinishReason, GenRequest, Role, Rollout, SamplingConfig, SeedKey};
 use crate::model::{DType, ModelConfig, ModelFormat};
 
 pub struct MistralEngine {
@@ -188,6 +189,124 @@ impl MistralEngine {
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// Sends prompt ids as they are (no chat template) once a slot is free; mistral.rs answers
+    /// a token prompt with a completion. Returns (finish reason, tokens emitted).
+    async fn send_tokens(
+        &self,
+        prompt_ids: Vec<u32>,
+        sampling: &SamplingConfig,
+        sampler: Arc<RecordingSampler>,
+    ) -> Result<(String, usize)> {
+        // The chat path's builder with no messages carries the same sampling parameters and
+        // processors; only the message kind differs.
+        let mut builder = Self::request(&[], sampling, sampler);
+        let (tx, mut rx) = mpsc::channel(1);
+        let request = mistralrs::Request::Normal(Box::new(NormalRequest {
+            messages: RequestMessage::CompletionTokens(prompt_ids),
+            sampling_params: builder.take_sampling_params(),
+            response: tx,
+            return_logprobs: false,
+            is_streaming: false,
+            id: 0,
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: builder.take_logits_processors(),
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        let _slot = self.inflight.acquire().await.expect("semaphore never closed");
+        let sender = self.model.inner().get_sender(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sender.send(request).await.map_err(|_| anyhow::anyhow!("the engine is not running"))?;
+        match rx.recv().await {
+            Some(Response::CompletionDone(c)) => {
+                let choice = c.choices.into_iter().next().context("mistral.rs returned no choice")?;
+                Ok((choice.finish_reason, c.usage.completion_tokens))
+            }
+            Some(Response::CompletionModelError(e, _)) => bail!("model error: {e}"),
+            Some(Response::ValidationError(e)) => bail!("invalid request: {e}"),
+            Some(Response::InternalError(e)) => bail!("internal error: {e}"),
+            Some(_) => bail!("mistral.rs answered a token prompt with something other than a completion"),
+            None => bail!("mistral.rs dropped the request"),
+        }
+    }
+
+    /// `n` rollouts for prompt ids that are already templated and tokenised (sent as they are,
+    /// for a server that takes ids). Sample `i` draws from `seed.sample_seed(i)` with the
+    /// chat path's sampler, so fed a chat rollout's `prompt_ids` and seed it returns the same
+    /// ids and log-probs. Rollouts come back in sample order with `request` 0.
+    pub async fn generate_ids(
+        &self,
+        prompt_ids: &[u32],
+        n: usize,
+        sampling: &SamplingConfig,
+        seed: SeedKey,
+    ) -> Result<Vec<Rollout>> {
+        let samples = (0..n).map(|i| self.generate_ids_seeded(prompt_ids, sampling, seed.sample_seed(i as u64)));
+        let mut out = futures::future::try_join_all(samples).await?;
+        for (i, r) in out.iter_mut().enumerate() {
+            r.sample = i;
+        }
+        Ok(out)
+    }
+
+    /// One rollout for prompt ids, drawing from the stream `sample_seed` (what
+    /// [`SeedKey::sample_seed`] gives one sample of a chat request).
+    pub async fn generate_ids_seeded(
+        &self,
+        prompt_ids: &[u32],
+        sampling: &SamplingConfig,
+        sample_seed: u64,
+    ) -> Result<Rollout> {
+        anyhow::ensure!(!prompt_ids.is_empty(), "empty prompt");
+        let _serving = self.serving.read().await;
+        let sampler = Arc::new(RecordingSampler::new(TokenSampling::from(sampling), sample_seed));
+        let (finish, emitted) = self.send_tokens(prompt_ids.to_vec(), sampling, sampler.clone()).await?;
+        let mut r = self.rollout(0, 0, &sampler, &finish, emitted, sampling).await?;
+        // The sampler sees the context from the first decode on; a prompt of ids is that context.
+        if r.prompt_ids.is_empty() {
+            r.prompt_ids = prompt_ids.to_vec();
+        }
+        Ok(r)
+    }
+
+    /// A finished sample's rollout from what its sampler recorded.
+    async fn rollout(
+        &self,
+        ri: usize,
+        si: usize,
+        sampler: &RecordingSampler,
+        finish_reason: &str,
+        emitted: usize,
+        sampling: &SamplingConfig,
+    ) -> Result<Rollout> {
+        let (prompt_ids, mut ids, mut logprobs) = sampler.take();
+        if ids.len() < emitted {
+            bail!(
+                "sampler recorded {} tokens but the engine reports {emitted} (request {ri}, sample {si})",
+                ids.len()
+            );
+        }
+        // Batched, mistral.rs 0.8.1 can run a sequence that just finished once more with
+        // its batch: our sampler then records a draw at the next position that the engine
+        // never emits (its text ends before it). The emitted tokens are the first ones.
+        ids.truncate(emitted);
+        logprobs.truncate(emitted);
+        let finish = finish_reason_of(finish_reason);
+        // The text is the decode of exactly these ids (mistral.rs's streamed content can
+        // differ on invalid UTF-8), cut before the first stop string like the engine does.
+        let mut text = self.detokenize(&ids, true).await?;
+        if finish == FinishReason::Stop {
+            if let Some(cut) = sampling.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+            }
+        }
+        Ok(Rollout { request: ri, sample: si, prompt_ids, ids, logprobs, finish_reason: finish, text })
+    }
+
     /// Ends every running sequence at its next decode step; they come back with
     /// [`FinishReason::Canceled`]. mistral.rs 0.8.1 keeps this flag process-wide, so it reaches
     /// every engine of the process (an embedded judge too).
@@ -264,7 +383,7 @@ impl Drop for MistralEngine {
     }
 }
 
-fn finish_reason(s: &str) -> FinishReason {
+fn finish_reason_of(s: &str) -> FinishReason {
     match s {
         "stop" => FinishReason::Stop,
         "length" => FinishReason::Length,
@@ -302,29 +421,7 @@ impl Engine for MistralEngine {
                 .into_iter()
                 .next()
                 .context("mistral.rs returned no choice")?;
-            let (prompt_ids, mut ids, mut logprobs) = sampler.take();
-            let emitted = resp.usage.completion_tokens;
-            if ids.len() < emitted {
-                bail!(
-                    "sampler recorded {} tokens but the engine reports {emitted} (request {ri}, sample {si})",
-                    ids.len()
-                );
-            }
-            // Batched, mistral.rs 0.8.1 can run a sequence that just finished once more with
-            // its batch: our sampler then records a draw at the next position that the engine
-            // never emits (its text ends before it). The emitted tokens are the first ones.
-            ids.truncate(emitted);
-            logprobs.truncate(emitted);
-            let finish = finish_reason(&choice.finish_reason);
-            // The text is the decode of exactly these ids (mistral.rs's streamed content can
-            // differ on invalid UTF-8), cut before the first stop string like the engine does.
-            let mut text = self.detokenize(&ids, true).await?;
-            if finish == FinishReason::Stop {
-                if let Some(cut) = sampling.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                    text.truncate(cut);
-                }
-            }
-            let rollout = Rollout { request: ri, sample: si, prompt_ids, ids, logprobs, finish_reason: finish, text };
+            let rollout = self.rollout(ri, si, &sampler, &choice.finish_reason, resp.usage.completion_tokens, sampling).await?;
             // A closed receiver means the caller gave up on this batch; finishing is harmless.
             let _ = done.send(rollout);
         }
