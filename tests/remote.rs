@@ -493,3 +493,81 @@ async fn orchestrator_run_on_a_pool_killed_with_sigkill_and_resumed() {
     }
     assert!(!err.contains(secret));
 }
+
+/// SGLang full-weight pushes (`weight_push = "disk"`): the learner's HF export, reloaded by
+/// `update_weights_from_disk`, serves the learner's policy (ratio 1 within 1e-4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_disk_pushes_serve_the_learners_full_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::qwen2(8));
+    let export = tmp.path().join("export");
+    let pool = servers(RemoteKind::Sglang, &model, 2).await;
+    let cfg = remote_cfg(RemoteKind::Sglang, &pool, &export, WeightPush::Disk);
+    let engine = RemoteEngine::connect(&cfg, &model, None).await.unwrap();
+    let mut learner = Learner::new(&LearnerConfig { threads: 2, algorithm: Algorithm::Grpo, lr: 2e-2, ..LearnerConfig::default() }, &model, 3).unwrap();
+    let reqs = requests(4, 4, 8);
+    let base = flat(engine.generate(&reqs, &sampling(16)).await.unwrap());
+    learner.update(&trajectories(&base), 1.0).unwrap();
+    assert!(max_ratio_gap(&learner, &base) > 1e-3, "the update changed nothing");
+    let (dir, _) = orchestrator::trainer::sync::export_to(&learner, &export, &version_name(1)).unwrap();
+    engine.push(1, &dir).await.unwrap();
+    let fresh = flat(engine.generate(&reqs, &sampling(16)).await.unwrap());
+    let gap = max_ratio_gap(&learner, &fresh);
+    println!("sglang disk push: max |ln pi - ln mu| = {gap:.2e}");
+    assert!(gap <= 1e-4, "ratio off by {gap} after a disk push");
+    for s in &pool {
+        assert_eq!(s.counts().pushes_ok, 1);
+        assert!(s.loaded().is_empty(), "a disk push loads no adapter");
+    }
+}
+
+/// Every server gone mid-run: the step cannot get `min_groups_share` of its groups, so the run
+/// checkpoints the last finished step and exits with an error naming the setting; with the
+/// servers back on their ports it resumes and finishes every step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_pool_dies_checkpoints_stops_and_resumes() {
+    use orchestrator::metrics::read_jsonl;
+    use orchestrator::testkit::letters::more_a_judge;
+    use orchestrator::testkit::scripted::ScriptedServer;
+
+    let s = common::RunSetup::new(4);
+    let judge = ScriptedServer::start(more_a_judge()).await.unwrap();
+    let pool = servers(RemoteKind::Sglang, &s.model, 2).await;
+    let run = "steps = 5\nbatch_prompts = 2\nn_samples = 2\nsave_every = 10";
+    let config = s.config("dies", &judge.base_url(), run, "[learner.lora]\nenabled = true\nrank = 4\n");
+    let servers: Vec<String> = pool.iter().map(|p| format!("{:?}", p.base_url())).collect();
+    let text = std::fs::read_to_string(&config).unwrap().replace("[engine]\n", "[engine]\nbackend = \"remote\"\n")
+        + &format!(
+            "\n[engine.remote]\nkind = \"sglang\"\nservers = [{}]\nmodel = \"{SERVED}\"\nexport_dir = \"exports-dies\"\n\
+             max_in_flight_per_server = 4\nprobe_interval_secs = 0.2\nconnect_timeout_secs = 1\nmax_group_retries = 1\n",
+            servers.join(", ")
+        );
+    std::fs::write(&config, text).unwrap();
+    let dir = s.path("runs/dies");
+    let child = spawn_run(&config, &dir, "");
+    let t0 = Instant::now();
+    while read_jsonl(&dir.join("metrics.jsonl")).map(|m| m.len()).unwrap_or(0) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(240), "the run never reached step 2");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ports: Vec<u16> = pool.iter().map(|p| p.port()).collect();
+    for p in &pool {
+        p.kill().await;
+    }
+    let (code, err) = finish(child).await;
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("engine.remote.min_groups_share") && err.contains("resume once the pool is back"), "{err}");
+    let done = read_jsonl(&dir.join("metrics.jsonl")).unwrap().len() as u64;
+    assert!(dir.join(format!("checkpoints/step-{done:06}")).is_dir(), "no checkpoint of step {done}: {err}");
+
+    let mut back = Vec::new();
+    for port in ports {
+        let opts = PoolServerOptions { engine: serial(), ..PoolServerOptions::new(Dialect::Sglang, &s.model, SERVED) };
+        back.push(PoolServer::start_on(opts, port).await.unwrap());
+    }
+    let (code, err) = finish(spawn_run(&config, &dir, "")).await;
+    assert_eq!(code, 0, "{err}");
+    let steps: Vec<u64> = read_jsonl(&dir.join("metrics.jsonl")).unwrap().iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=5).collect::<Vec<_>>(), "a step missing or repeated");
+    assert!(back.iter().all(|p| p.loaded() == vec![version_name(5)]), "{:?}", back.iter().map(|p| p.loaded()).collect::<Vec<_>>());
+}
