@@ -321,7 +321,7 @@ impl PoolServer {
     /// counted from this call arrives (n = 1: the next one); that request is not answered.
     pub fn set_die_after(&self, n_generations: Option<usize>) {
         let now = self.shared.arrived.load(Ordering::SeqCst);
-        *self.shared.die_at.lock().unwrap() = n_generations.map(|n| now + n.max(1));
+        *self.shared.die_at.lock().unwrap() = n_generations.map(|n| now.saturating_add(n.max(1)));
     }
 
     pub fn counts(&self) -> Counts {

@@ -117,6 +117,8 @@ impl<'a> Obj<'a> {
         if temperature < 0.0 {
             return Err(ApiError::bad(format!("field `{}temperature` must be >= 0, got {temperature}", self.at)));
         }
+        // Below 1e-5 is greedy, as on vLLM (1 / T would overflow to inf and the ln-probs to NaN).
+        let temperature = if temperature < 1e-5 { 0.0 } else { temperature };
         let top_p = self.f64("top_p")?;
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::bad(format!("field `{}top_p` must be in (0, 1], got {top_p}", self.at)));
@@ -210,11 +212,11 @@ pub(super) fn check_limits(call: &GenCall, l: Limits) -> Result<(), ApiError> {
         return Err(ApiError::bad(format!("Token id {bad} is out of vocabulary (size {})", l.vocab_size)));
     }
     let (p, c) = (call.prompt.len(), call.sampling.max_new_tokens);
-    if p + c > l.max_len {
+    if p.saturating_add(c) > l.max_len {
         return Err(ApiError::bad(format!(
             "This model's maximum context length is {} tokens. However, you requested {} tokens ({p} in the messages, {c} in the completion). Please reduce the length of the messages or completion.",
             l.max_len,
-            p + c
+            p.saturating_add(c)
         )));
     }
     Ok(())
@@ -243,7 +245,7 @@ fn text_and_end(sh: &Shared, call: &GenCall, r: &Rollout) -> (String, Ended) {
         FinishReason::Length => (full, Ended::Length),
         FinishReason::Canceled => (full, Ended::Abort),
         FinishReason::Stop if sh.eos.contains(&last) => {
-            let text = if call.keep_stop { full } else { decode(sh, &r.ids[..r.ids.len() - 1], call.skip_special) };
+            let text = if call.keep_stop { full } else { decode(sh, &r.ids[..r.ids.len().saturating_sub(1)], call.skip_special) };
             (text, Ended::Eos(last))
         }
         FinishReason::Stop => {
@@ -252,7 +254,7 @@ fn text_and_end(sh: &Shared, call: &GenCall, r: &Rollout) -> (String, Ended) {
                 return (full, Ended::Eos(last));
             };
             // The occurrence that ends inside the last token's text.
-            let before = decode(sh, &r.ids[..r.ids.len() - 1], call.skip_special);
+            let before = decode(sh, &r.ids[..r.ids.len().saturating_sub(1)], call.skip_special);
             let floor = if full.starts_with(&before) { before.len() } else { 0 };
             let at = full.match_indices(stop.as_str()).map(|m| m.0).find(|&at| at + stop.len() > floor).or_else(|| full.find(stop.as_str()));
             let text = match at {
@@ -283,7 +285,17 @@ pub(super) fn completion(sh: &Shared, call: &GenCall, r: &Rollout, model: &str, 
                     .iter()
                     .map(|&t| if call.tokens_as_ids { format!("token_id:{t}") } else { sh.tokenizer.id_to_token(t).unwrap_or_default() })
                     .collect();
-                let offsets: Vec<usize> = (0..r.ids.len()).map(|i| decode(sh, &r.ids[..i], call.skip_special).chars().count()).collect();
+                // Each token's start in characters, from each token's own decode: linear in the
+                // length (the client does not read it; exact unless a character spans tokens).
+                let offsets: Vec<usize> = r
+                    .ids
+                    .iter()
+                    .scan(0usize, |at, &t| {
+                        let start = *at;
+                        *at += decode(sh, &[t], call.skip_special).chars().count();
+                        Some(start)
+                    })
+                    .collect();
                 json!({"tokens": tokens, "token_logprobs": r.logprobs, "top_logprobs": null, "text_offset": offsets})
             } else {
                 Value::Null
