@@ -535,6 +535,11 @@ async fn lora_pushes_serve_the_learners_policy() {
             }
             assert!(text.contains(path.file_name().unwrap().to_str().unwrap()), "the error names the adapter: {text}");
         }
+        if d == Dialect::Vllm {
+            // vLLM's `load_inplace` replaces the adapter of a loaded name (a push, not a duplicate).
+            let (st, text) = post(&base, load, &json!({"lora_name": "policy-v000001", "lora_path": adapter.to_str().unwrap(), "load_inplace": true})).await.unwrap();
+            assert_eq!(st, 200, "{text}");
+        }
         server.set_fail_pushes(true);
         let (st, text) = post(&base, load, &push("policy-v000004", &adapter)).await.unwrap();
         assert!(!ok(st, &text), "{text}");
@@ -542,7 +547,8 @@ async fn lora_pushes_serve_the_learners_policy() {
         let (st, text) = post(&base, load, &push("policy-v000004", &adapter)).await.unwrap();
         assert!(ok(st, &text), "{text}");
         let c = server.counts();
-        assert_eq!((c.pushes_ok, c.pushes_failed, c.pushes_duplicate), (2, 3, 1));
+        let inplace = usize::from(d == Dialect::Vllm);
+        assert_eq!((c.pushes_ok, c.pushes_failed, c.pushes_duplicate), (2 + inplace, 3, 1));
         assert_eq!(c.loaded, vec!["policy-v000001".to_string(), "policy-v000004".to_string()]);
         if d == Dialect::Vllm {
             let v: Value = serde_json::from_str(&get(&base, "/v1/models").await.unwrap().1).unwrap();

@@ -374,9 +374,15 @@ pub(super) fn vllm_models(sh: &Shared) -> Response<Full<Bytes>> {
 
 pub(super) async fn vllm_load(sh: &Shared, body: &Value) -> Reply {
     let (name, path) = push_fields(body, &["load_inplace"])?;
-    match sh.load_adapter(&name, &path).await {
+    let inplace = match body.get("load_inplace") {
+        None | Some(Value::Null) => false,
+        Some(v) => v.as_bool().ok_or_else(|| ApiError::bad(format!("field `load_inplace`: true or false expected, got {v}")))?,
+    };
+    match sh.load_adapter(&name, &path, inplace).await {
         Ok(()) => Ok(reply(StatusCode::OK, "text/plain", format!("Success: LoRA adapter '{name}' added successfully."))),
-        Err(PushError::Duplicate) => Err(ApiError::bad(format!("The lora adapter '{name}' has already been loaded."))),
+        Err(PushError::Duplicate) => Err(ApiError::bad(format!(
+            "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to true."
+        ))),
         Err(PushError::Injected) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "injected push failure")),
         Err(PushError::Failed(m)) => Err(ApiError::bad(format!("loading the lora adapter '{name}' from {path} failed: {m}"))),
     }
@@ -398,7 +404,7 @@ fn loaded_map(sh: &Shared) -> Value {
 
 pub(super) async fn sglang_load(sh: &Shared, body: &Value) -> Reply {
     let (name, path) = push_fields(body, &["pinned"])?;
-    let error = match sh.load_adapter(&name, &path).await {
+    let error = match sh.load_adapter(&name, &path, false).await {
         Ok(()) => Value::Null,
         Err(PushError::Duplicate) => json!(format!("LoRA adapter with name {name} already exists (already loaded).")),
         Err(PushError::Injected) => json!("injected push failure"),
