@@ -302,9 +302,52 @@ async fn malformed_requests_get_a_400_and_the_server_keeps_serving() {
         assert_eq!(server.counts().generations, 0);
         // Bodies that are not a JSON object never reach the generation handler.
         assert_eq!(server.counts().generations_arrived, cases.len() + 1);
+        // Any odd value in any field: an answer (200 or 400), never a 5xx or a dropped connection.
+        let odd = [json!(null), json!("x"), json!(-1), json!(1e300), json!(5e-324), json!(u64::MAX), json!([[1]]), json!({"a": 1}), json!(true)];
+        let mut fields: Vec<String> = good.as_object().unwrap().keys().filter(|k| *k != "sampling_params").cloned().collect();
+        if d == Dialect::Sglang {
+            fields.extend(good["sampling_params"].as_object().unwrap().keys().map(|k| format!("sampling_params/{k}")));
+        }
+        let mut answered = [0usize; 2];
+        for f in &fields {
+            for v in &odd {
+                let mut b = good.clone();
+                match f.split_once('/') {
+                    Some((a, k)) => b[a][k] = v.clone(),
+                    None => b[f.as_str()] = v.clone(),
+                }
+                let (st, text) = post(&base, gen_path(d), &b).await.unwrap_or_else(|e| panic!("{d:?} {f}={v}: {e}"));
+                assert!(st == 200 || st == 400 || (st == 404 && f == "model"), "{d:?} {f}={v}: {st} {text}");
+                answered[usize::from(st == 200)] += 1;
+                if st == 200 {
+                    // Whatever log-probs the reply carries (a field may have turned them off) are real.
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    let lps = match d {
+                        Dialect::Vllm => v["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned().unwrap_or_default(),
+                        Dialect::Sglang => v["meta_info"]["output_token_logprobs"].as_array().map(|a| a.iter().map(|e| e[0].clone()).collect()).unwrap_or_default(),
+                    };
+                    assert!(lps.iter().all(|l| l.as_f64().is_some_and(|l| l.is_finite() && l <= 0.0)), "{d:?} {f}={v}: {text}");
+                }
+            }
+        }
+        println!("{d:?}: odd values: {} answered 200, {} rejected", answered[1], answered[0]);
+        // Pushes with odd bodies fail cleanly too (SGLang: 200 with success false), and load nothing.
+        let (load, unload) = if d == Dialect::Vllm { ("/v1/load_lora_adapter", "/v1/unload_lora_adapter") } else { ("/load_lora_adapter", "/unload_lora_adapter") };
+        for path in [load, unload, "/update_weights_from_disk"] {
+            for v in &odd {
+                for b in [json!({"lora_name": v, "lora_path": "/nonexistent"}), json!({"lora_name": "x", "lora_path": v}), json!({"model_path": v}), json!({"lora_name": "x", "extra": v})] {
+                    let (st, text) = post(&base, path, &b).await.unwrap();
+                    let failed = st == 400 || st == 404 || (st == 200 && text.contains("\"success\":false"));
+                    assert!(failed, "{d:?} {path} {b}: {st} {text}");
+                }
+            }
+        }
+        assert_eq!((server.loaded(), server.counts().pushes_ok), (Vec::<String>::new(), 0));
+        assert!(answered[1] > 0 && answered[0] > 0);
         // Still serving.
+        let before = server.counts().generations;
         sample(&server, &[1, 2, 3], None, 0, &s).await;
-        assert_eq!(server.counts().generations, 1);
+        assert_eq!(server.counts().generations, before + 1);
     }
 }
 
@@ -492,6 +535,11 @@ async fn lora_pushes_serve_the_learners_policy() {
             }
             assert!(text.contains(path.file_name().unwrap().to_str().unwrap()), "the error names the adapter: {text}");
         }
+        if d == Dialect::Vllm {
+            // vLLM's `load_inplace` replaces the adapter of a loaded name (a push, not a duplicate).
+            let (st, text) = post(&base, load, &json!({"lora_name": "policy-v000001", "lora_path": adapter.to_str().unwrap(), "load_inplace": true})).await.unwrap();
+            assert_eq!(st, 200, "{text}");
+        }
         server.set_fail_pushes(true);
         let (st, text) = post(&base, load, &push("policy-v000004", &adapter)).await.unwrap();
         assert!(!ok(st, &text), "{text}");
@@ -499,7 +547,8 @@ async fn lora_pushes_serve_the_learners_policy() {
         let (st, text) = post(&base, load, &push("policy-v000004", &adapter)).await.unwrap();
         assert!(ok(st, &text), "{text}");
         let c = server.counts();
-        assert_eq!((c.pushes_ok, c.pushes_failed, c.pushes_duplicate), (2, 3, 1));
+        let inplace = usize::from(d == Dialect::Vllm);
+        assert_eq!((c.pushes_ok, c.pushes_failed, c.pushes_duplicate), (2 + inplace, 3, 1));
         assert_eq!(c.loaded, vec!["policy-v000001".to_string(), "policy-v000004".to_string()]);
         if d == Dialect::Vllm {
             let v: Value = serde_json::from_str(&get(&base, "/v1/models").await.unwrap().1).unwrap();

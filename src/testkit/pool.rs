@@ -321,7 +321,7 @@ impl PoolServer {
     /// counted from this call arrives (n = 1: the next one); that request is not answered.
     pub fn set_die_after(&self, n_generations: Option<usize>) {
         let now = self.shared.arrived.load(Ordering::SeqCst);
-        *self.shared.die_at.lock().unwrap() = n_generations.map(|n| now + n.max(1));
+        *self.shared.die_at.lock().unwrap() = n_generations.map(|n| now.saturating_add(n.max(1)));
     }
 
     pub fn counts(&self) -> Counts {
@@ -425,10 +425,12 @@ impl Shared {
         *self.by_model.lock().unwrap().entry(model.to_string()).or_default() += 1;
     }
 
-    /// Loads the PEFT adapter at `path` as `name`.
-    async fn load_adapter(&self, name: &str, path: &str) -> Result<(), PushError> {
+    /// Loads the PEFT adapter at `path` as `name`; `inplace` (vLLM's `load_inplace`) replaces a
+    /// loaded adapter of that name instead of refusing it.
+    async fn load_adapter(&self, name: &str, path: &str, inplace: bool) -> Result<(), PushError> {
         let _one = self.push_lock.lock().await;
-        if name == self.served_name || self.adapters.lock().unwrap().contains_key(name) {
+        let exists = self.adapters.lock().unwrap().contains_key(name);
+        if name == self.served_name || (exists && !inplace) {
             self.pushes_duplicate.fetch_add(1, Ordering::SeqCst);
             return Err(PushError::Duplicate);
         }

@@ -117,6 +117,8 @@ impl<'a> Obj<'a> {
         if temperature < 0.0 {
             return Err(ApiError::bad(format!("field `{}temperature` must be >= 0, got {temperature}", self.at)));
         }
+        // Below 1e-5 is greedy, as on vLLM (1 / T would overflow to inf and the ln-probs to NaN).
+        let temperature = if temperature < 1e-5 { 0.0 } else { temperature };
         let top_p = self.f64("top_p")?;
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::bad(format!("field `{}top_p` must be in (0, 1], got {top_p}", self.at)));
@@ -210,11 +212,11 @@ pub(super) fn check_limits(call: &GenCall, l: Limits) -> Result<(), ApiError> {
         return Err(ApiError::bad(format!("Token id {bad} is out of vocabulary (size {})", l.vocab_size)));
     }
     let (p, c) = (call.prompt.len(), call.sampling.max_new_tokens);
-    if p + c > l.max_len {
+    if p.saturating_add(c) > l.max_len {
         return Err(ApiError::bad(format!(
             "This model's maximum context length is {} tokens. However, you requested {} tokens ({p} in the messages, {c} in the completion). Please reduce the length of the messages or completion.",
             l.max_len,
-            p + c
+            p.saturating_add(c)
         )));
     }
     Ok(())
@@ -243,7 +245,7 @@ fn text_and_end(sh: &Shared, call: &GenCall, r: &Rollout) -> (String, Ended) {
         FinishReason::Length => (full, Ended::Length),
         FinishReason::Canceled => (full, Ended::Abort),
         FinishReason::Stop if sh.eos.contains(&last) => {
-            let text = if call.keep_stop { full } else { decode(sh, &r.ids[..r.ids.len() - 1], call.skip_special) };
+            let text = if call.keep_stop { full } else { decode(sh, &r.ids[..r.ids.len().saturating_sub(1)], call.skip_special) };
             (text, Ended::Eos(last))
         }
         FinishReason::Stop => {
@@ -252,7 +254,7 @@ fn text_and_end(sh: &Shared, call: &GenCall, r: &Rollout) -> (String, Ended) {
                 return (full, Ended::Eos(last));
             };
             // The occurrence that ends inside the last token's text.
-            let before = decode(sh, &r.ids[..r.ids.len() - 1], call.skip_special);
+            let before = decode(sh, &r.ids[..r.ids.len().saturating_sub(1)], call.skip_special);
             let floor = if full.starts_with(&before) { before.len() } else { 0 };
             let at = full.match_indices(stop.as_str()).map(|m| m.0).find(|&at| at + stop.len() > floor).or_else(|| full.find(stop.as_str()));
             let text = match at {
@@ -283,7 +285,17 @@ pub(super) fn completion(sh: &Shared, call: &GenCall, r: &Rollout, model: &str, 
                     .iter()
                     .map(|&t| if call.tokens_as_ids { format!("token_id:{t}") } else { sh.tokenizer.id_to_token(t).unwrap_or_default() })
                     .collect();
-                let offsets: Vec<usize> = (0..r.ids.len()).map(|i| decode(sh, &r.ids[..i], call.skip_special).chars().count()).collect();
+                // Each token's start in characters, from each token's own decode: linear in the
+                // length (the client does not read it; exact unless a character spans tokens).
+                let offsets: Vec<usize> = r
+                    .ids
+                    .iter()
+                    .scan(0usize, |at, &t| {
+                        let start = *at;
+                        *at += decode(sh, &[t], call.skip_special).chars().count();
+                        Some(start)
+                    })
+                    .collect();
                 json!({"tokens": tokens, "token_logprobs": r.logprobs, "top_logprobs": null, "text_offset": offsets})
             } else {
                 Value::Null
@@ -362,9 +374,15 @@ pub(super) fn vllm_models(sh: &Shared) -> Response<Full<Bytes>> {
 
 pub(super) async fn vllm_load(sh: &Shared, body: &Value) -> Reply {
     let (name, path) = push_fields(body, &["load_inplace"])?;
-    match sh.load_adapter(&name, &path).await {
+    let inplace = match body.get("load_inplace") {
+        None | Some(Value::Null) => false,
+        Some(v) => v.as_bool().ok_or_else(|| ApiError::bad(format!("field `load_inplace`: true or false expected, got {v}")))?,
+    };
+    match sh.load_adapter(&name, &path, inplace).await {
         Ok(()) => Ok(reply(StatusCode::OK, "text/plain", format!("Success: LoRA adapter '{name}' added successfully."))),
-        Err(PushError::Duplicate) => Err(ApiError::bad(format!("The lora adapter '{name}' has already been loaded."))),
+        Err(PushError::Duplicate) => Err(ApiError::bad(format!(
+            "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to true."
+        ))),
         Err(PushError::Injected) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "injected push failure")),
         Err(PushError::Failed(m)) => Err(ApiError::bad(format!("loading the lora adapter '{name}' from {path} failed: {m}"))),
     }
@@ -386,7 +404,7 @@ fn loaded_map(sh: &Shared) -> Value {
 
 pub(super) async fn sglang_load(sh: &Shared, body: &Value) -> Reply {
     let (name, path) = push_fields(body, &["pinned"])?;
-    let error = match sh.load_adapter(&name, &path).await {
+    let error = match sh.load_adapter(&name, &path, false).await {
         Ok(()) => Value::Null,
         Err(PushError::Duplicate) => json!(format!("LoRA adapter with name {name} already exists (already loaded).")),
         Err(PushError::Injected) => json!("injected push failure"),
