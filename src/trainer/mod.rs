@@ -336,13 +336,20 @@ impl Trainer {
             if self.stop.load(Ordering::SeqCst) {
                 return self.interrupted().await;
             }
+            // What a step changes before its rollouts are all in: if a short pool stops it with
+            // these untouched, the state before it is a consistent checkpoint.
             let before = self.sampler.clone();
+            let untouched = |t: &Self| (t.learner.as_ref().map(|l| l.updates()), serde_json::to_value(t.curriculum.state()).ok());
+            let marks = untouched(self);
             let end = match self.step_once().await {
                 Err(e) if e.downcast_ref::<PoolShort>().is_some() => {
-                    // Nothing of the step was trained on: checkpoint where it started and stop.
-                    self.sampler = before;
-                    self.save_if_needed(None).await?;
-                    return Err(e.context(format!("stopped before step {} (checkpoint at step {}); resume once the pool is back", self.step + 1, self.step)));
+                    let at = self.step;
+                    if marks.0.is_some() && marks.1.is_some() && untouched(self) == marks {
+                        self.sampler = before;
+                        self.save_if_needed(None).await?;
+                        return Err(e.context(format!("stopped before step {} (checkpoint at step {at}); resume once the pool is back", at + 1)));
+                    }
+                    return Err(e.context(format!("stopped in step {} after the learner or curriculum moved; resume from the last checkpoint once the pool is back", at + 1)));
                 }
                 r => r?,
             };
