@@ -171,6 +171,14 @@ enum BenchCommand {
         /// takes batch-size times as long as the batched one.
         #[arg(long)]
         no_serial: bool,
+        /// Our sampler never draws the end-of-sequence ids (eos_token_id of the model's
+        /// config.json and generation_config.json), so every rollout has max_new_tokens tokens
+        /// (scripts/bench_llamacpp.sh compares fixed lengths). Plain mistral.rs rows still stop.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Skip the plain mistral.rs rows (its own sampler, no recording).
+        #[arg(long)]
+        no_plain: bool,
     },
     /// Judge calls/s against a scripted server with a fixed latency, and the ratio to C/L.
     Judge {
@@ -278,7 +286,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Bench(BenchCommand::Select { tasks, candidates, latency_ms, concurrency, pairwise }) => {
             cli::select::bench(tasks, candidates, latency_ms, concurrency, pairwise).await
         }
-        Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens, json, no_serial }) => {
+        Command::Bench(BenchCommand::Engine { config, batches, repeats, max_new_tokens, json, no_serial, ignore_eos, no_plain }) => {
             let mut cfg = Config::load(config.path())?;
             if let Some(m) = max_new_tokens {
                 cfg.engine.sampling.max_new_tokens = m;
@@ -287,7 +295,10 @@ async fn dispatch(cmd: Command) -> Result<()> {
             cfg.engine.max_num_seqs = cfg.engine.max_num_seqs.max(max_batch);
             // Serial rows send one request at a time themselves; the engine must admit the batch.
             cfg.engine.serial = false;
-            let engine = orchestrator::engine::MistralEngine::load(&cfg.model, &cfg.engine).await?;
+            let mut engine = orchestrator::engine::MistralEngine::load(&cfg.model, &cfg.engine).await?;
+            if ignore_eos {
+                engine = engine.suppress_tokens(orchestrator::engine::bench::eos_ids(&cfg.model.path)?);
+            }
             println!(
                 "model {} | T={} top_p={} top_k={} max_new_tokens={} | {} repeats",
                 cfg.model.path.display(),
@@ -298,20 +309,24 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 repeats
             );
             let t0 = std::time::Instant::now();
-            let rows = orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats, !no_serial).await?;
+            let rows = orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats, !no_serial, !no_plain).await?;
             if let Some(path) = json {
                 let rows: Vec<_> = rows
                     .iter()
                     .map(|r| {
                         serde_json::json!({
                             "batch": r.batch, "ours_tok_s": r.batched_tok_s, "serial_tok_s": r.serial_tok_s,
-                            "plain_tok_s": r.plain_tok_s, "ratio": r.sampler_ratio(), "batching_ratio": r.batching_ratio()
+                            "plain_tok_s": r.plain_tok_s, "ratio": r.sampler_ratio(), "batching_ratio": r.batching_ratio(),
+                            "ours_tokens_per_request": r.batched_tokens_per_request, "prompt_tokens": r.prompt_tokens
                         })
                     })
                     .collect();
                 let v = serde_json::json!({
                     "model": cfg.model.path.display().to_string(),
                     "max_new_tokens": cfg.engine.sampling.max_new_tokens,
+                    "ignore_eos": ignore_eos,
+                    "prompt": orchestrator::engine::bench::BENCH_PROMPT,
+                    "threads": candle_core::utils::get_num_threads(),
                     "paged_attention": cfg.engine.paged_attention.enabled,
                     "repeats": repeats,
                     "secs": t0.elapsed().as_secs_f64(),

@@ -691,3 +691,21 @@ fn serial_mode_is_a_checked_config_key() {
     let e = format!("{:#}", Config::load_with_env(&p, env).unwrap_err());
     assert!(e.contains("engine.serial"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppressed_eos_gives_full_length_rollouts() {
+    // `bench engine --ignore-eos` (scripts/bench_llamacpp.sh compares fixed lengths).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(tmp.path(), &TinySpec::llama(3));
+    let eos = orchestrator::engine::bench::eos_ids(&dir).unwrap();
+    let s = sampling(1.5, 96);
+    let free = engine_for(&dir).await.generate(&requests(PROMPTS, 2, 5), &s).await.unwrap();
+    let stopped = free.iter().flatten().filter(|r| r.finish_reason == FinishReason::Stop).count();
+    assert!(stopped > 0, "no rollout drew an end of sequence, so this test could not fail");
+    let engine = engine_for(&dir).await.suppress_tokens(eos.clone());
+    let out = engine.generate(&requests(PROMPTS, 2, 5), &s).await.unwrap();
+    for r in out.iter().flatten() {
+        assert_eq!((r.ids.len(), r.finish_reason), (96, FinishReason::Length));
+        assert!(r.ids.iter().all(|id| !eos.contains(id)), "an eos id was drawn: {:?}", r.ids);
+    }
+}

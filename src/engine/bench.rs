@@ -3,9 +3,10 @@
 //! our recording sampler against plain mistral.rs requests (the engine's own sampler) on the
 //! same batched work.
 
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use futures::future::join_all;
 use mistralrs::{RequestBuilder, TextMessageRole};
 
@@ -23,6 +24,11 @@ pub struct EngineBenchRow {
     pub batched_tok_s: f64,
     /// Tokens/s of plain mistral.rs requests with the whole batch in flight.
     pub plain_tok_s: f64,
+    /// Mean generated tokens per request of the batched runs (max_new_tokens with
+    /// `--ignore-eos`).
+    pub batched_tokens_per_request: f64,
+    /// Prompt length in tokens (the chat template applied to [`BENCH_PROMPT`]).
+    pub prompt_tokens: usize,
 }
 
 impl EngineBenchRow {
@@ -48,25 +54,47 @@ fn requests(batch: usize, round: u64) -> Vec<GenRequest> {
         .collect()
 }
 
-/// Tokens and seconds for the batch through our wrapper, all in flight, or one after another.
-async fn ours(engine: &MistralEngine, batch: usize, s: &SamplingConfig, round: u64, serial: bool) -> Result<(usize, f64)> {
+/// The ids a model directory names as end of sequence (`eos_token_id`, a number or a list, in
+/// config.json and generation_config.json).
+pub fn eos_ids(model_dir: &Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for name in ["config.json", "generation_config.json"] {
+        let path = model_dir.join(name);
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let found = match &v["eos_token_id"] {
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
+            x => x.as_u64().into_iter().collect::<Vec<_>>(),
+        };
+        ids.extend(found.into_iter().map(|x| x as u32));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ensure!(!ids.is_empty(), "{}: no eos_token_id in config.json or generation_config.json", model_dir.display());
+    Ok(ids)
+}
+
+/// Tokens generated, seconds, and the prompt length for the batch through our wrapper, all
+/// in flight, or one after another.
+async fn ours(engine: &MistralEngine, batch: usize, s: &SamplingConfig, round: u64, serial: bool) -> Result<(usize, f64, usize)> {
     let reqs = requests(batch, round);
     let t = Instant::now();
-    let mut tokens = 0;
+    let mut out = Vec::new();
     if serial {
         for r in &reqs {
-            let out = engine.generate(std::slice::from_ref(r), s).await?;
-            tokens += out.iter().flatten().map(|r| r.ids.len()).sum::<usize>();
+            out.extend(engine.generate(std::slice::from_ref(r), s).await?);
         }
     } else {
-        let out = engine.generate(&reqs, s).await?;
-        tokens = out.iter().flatten().map(|r| r.ids.len()).sum();
+        out = engine.generate(&reqs, s).await?;
     }
-    Ok((tokens, t.elapsed().as_secs_f64()))
+    let secs = t.elapsed().as_secs_f64();
+    let tokens = out.iter().flatten().map(|r| r.ids.len()).sum();
+    let prompt = out.iter().flatten().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+    Ok((tokens, secs, prompt))
 }
 
 /// The same batched work as plain mistral.rs requests with its built-in sampler.
-async fn plain(engine: &MistralEngine, batch: usize, s: &SamplingConfig) -> Result<(usize, f64)> {
+async fn plain(engine: &MistralEngine, batch: usize, s: &SamplingConfig) -> Result<(usize, f64, usize)> {
     let reqs = (0..batch).map(|_| {
         let mut r = RequestBuilder::new()
             .add_message(TextMessageRole::User, BENCH_PROMPT)
@@ -88,7 +116,7 @@ async fn plain(engine: &MistralEngine, batch: usize, s: &SamplingConfig) -> Resu
     for r in res {
         tokens += r?.usage.completion_tokens;
     }
-    Ok((tokens, t.elapsed().as_secs_f64()))
+    Ok((tokens, t.elapsed().as_secs_f64(), 0))
 }
 
 /// Runs the three ways `repeats` times per batch size, rotating which goes first, after one
@@ -100,30 +128,42 @@ pub async fn run(
     sampling: &SamplingConfig,
     repeats: usize,
     with_serial: bool,
+    with_plain: bool,
 ) -> Result<Vec<EngineBenchRow>> {
     ours(engine, 1, sampling, 999, false).await?;
-    plain(engine, 1, sampling).await?;
+    if with_plain {
+        plain(engine, 1, sampling).await?;
+    }
     let mut rows = Vec::new();
     for &b in batches {
         let mut sums = [(0usize, 0f64); 3];
+        let mut prompt_tokens = 0;
         for rep in 0..repeats {
             for k in 0..3 {
                 let which = (k + rep) % 3;
-                if which == 0 && !with_serial {
+                if (which == 0 && !with_serial) || (which == 2 && !with_plain) {
                     continue;
                 }
-                let (t, s) = match which {
+                let (t, s, p) = match which {
                     0 => ours(engine, b, sampling, rep as u64, true).await?,
                     1 => ours(engine, b, sampling, rep as u64, false).await?,
                     _ => plain(engine, b, sampling).await?,
                 };
                 sums[which].0 += t;
                 sums[which].1 += s;
+                prompt_tokens = prompt_tokens.max(p);
             }
         }
         // NaN (printed "-", JSON null) for a part that was not measured.
         let rate = |i: usize| if sums[i].1 > 0.0 { sums[i].0 as f64 / sums[i].1 } else { f64::NAN };
-        let row = EngineBenchRow { batch: b, serial_tok_s: rate(0), batched_tok_s: rate(1), plain_tok_s: rate(2) };
+        let row = EngineBenchRow {
+            batch: b,
+            serial_tok_s: rate(0),
+            batched_tok_s: rate(1),
+            plain_tok_s: rate(2),
+            batched_tokens_per_request: sums[1].0 as f64 / (b * repeats) as f64,
+            prompt_tokens,
+        };
         println!(
             "batch {:>3}: serial {:>7.1} tok/s  batched {:>7.1} tok/s  batched/serial {:>5.2}x  \
              | plain mistral.rs batched {:>7.1} tok/s  ours/plain {:.3}",

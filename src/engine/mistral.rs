@@ -28,6 +28,8 @@ pub struct MistralEngine {
     /// Bounds requests in flight (see [`request_concurrency`]).
     inflight: Semaphore,
     format: ModelFormat,
+    /// Token ids our sampler never draws (benchmarks: `bench engine --ignore-eos`).
+    suppressed: Vec<u32>,
 }
 
 fn model_dtype(d: DType) -> ModelDType {
@@ -171,7 +173,15 @@ impl MistralEngine {
             serving: RwLock::new(()),
             inflight: Semaphore::new(concurrency),
             format,
+            suppressed: Vec::new(),
         })
+    }
+
+    /// Our sampler will never draw these ids: with the end-of-sequence ids, every rollout runs
+    /// to `max_new_tokens` (fixed-length benchmarks). Changes the distribution; not for training.
+    pub fn suppress_tokens(mut self, ids: Vec<u32>) -> Self {
+        self.suppressed = ids;
+        self
     }
 
     /// The mistral.rs handle, for tokenizer and model queries. Send requests through
@@ -406,7 +416,7 @@ impl Engine for MistralEngine {
         let mut inflight = FuturesUnordered::new();
         for (ri, req) in requests.iter().enumerate() {
             for si in 0..req.n {
-                let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)));
+                let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)).suppressing(&self.suppressed));
                 let builder = Self::request(&req.messages, sampling, sampler.clone());
                 inflight.push(async move {
                     let resp = self.send(builder).await;

@@ -197,6 +197,8 @@ struct Record {
 pub struct RecordingSampler {
     params: TokenSampling,
     seed: u64,
+    /// Ids set to -inf before the draw (see `MistralEngine::suppress_tokens`).
+    suppressed: Vec<u32>,
     record: Mutex<Record>,
 }
 
@@ -205,8 +207,15 @@ impl RecordingSampler {
         Self {
             params,
             seed: sample_seed,
+            suppressed: Vec::new(),
             record: Mutex::new(Record::default()),
         }
+    }
+
+    /// Never draws these ids (their logits become -inf, so ln p is of what remains).
+    pub fn suppressing(mut self, ids: &[u32]) -> Self {
+        self.suppressed = ids.to_vec();
+        self
     }
 
     /// (prompt ids, sampled ids, ln-probs) recorded so far.
@@ -219,11 +228,16 @@ impl RecordingSampler {
 
 impl CustomLogitsProcessor for RecordingSampler {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
-        let values: Vec<f32> = logits
+        let mut values: Vec<f32> = logits
             .to_dtype(mistralrs::DType::F32)?
             .to_device(&mistralrs::Device::Cpu)?
             .flatten_all()?
             .to_vec1()?;
+        for &id in &self.suppressed {
+            if let Some(v) = values.get_mut(id as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
         let position = context.len();
         let u = uniform_at(self.seed, position);
         let (id, lp) = draw(&values, self.params, u).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -361,5 +375,23 @@ mod tests {
         assert_ne!(k.sample_seed(0), SeedKey::new(1, 3, 3).sample_seed(0));
         assert_eq!(uniform_at(5, 10), uniform_at(5, 10));
         assert_ne!(uniform_at(5, 10), uniform_at(5, 11));
+    }
+
+    #[test]
+    fn suppressed_ids_are_never_drawn() {
+        let mut logits = logits_fixture(300, 3);
+        logits[7] = 40.0; // nearly all the mass
+        let t = Tensor::from_vec(logits, 300, &mistralrs::Device::Cpu).unwrap();
+        let params = TokenSampling { temperature: 1.0, top_p: 1.0, top_k: 0 };
+        let draw_all = |s: RecordingSampler| {
+            for len in 1..=40 {
+                s.apply(&t, &vec![0u32; len]).unwrap();
+            }
+            s.take().1
+        };
+        assert!(draw_all(RecordingSampler::new(params, 5)).iter().all(|&id| id == 7));
+        let ids = draw_all(RecordingSampler::new(params, 5).suppressing(&[7, 299]));
+        assert_eq!(ids.len(), 40);
+        assert!(ids.iter().all(|&id| id != 7 && id != 299), "{ids:?}");
     }
 }
