@@ -132,7 +132,7 @@ if [ "$SMOKE" = 1 ]; then
   LEARNER_ARGS=(--dtype f32 --device cpu --threads 2 --batch 1 --seq-len 256 --recompute --lora-rank 8 --steps 1)
   LEARNER_PLAN_ENV=(ORCHESTRATOR__LEARNER__DEVICE=cpu ORCHESTRATOR__LEARNER__DTYPE=f32 ORCHESTRATOR__LEARNER__LORA__RANK=8
                     ORCHESTRATOR__LEARNER__MICRO_BATCH_TOKENS=256)
-  RUN_ARGS=(--steps 2 --prompts 2 --n 2 --max-new-tokens 16 --repeats 1 --latency-ms 5)
+  RUN_ARGS=(--steps 2 --prompts 2 --n 2 --max-new-tokens 16 --repeats 1 --latency-ms 5 --off-policy 0)
   # configs/7b.toml with what a CPU binary can run.
   RUN_ENV=(ORCHESTRATOR__MODEL__DTYPE=f32 ORCHESTRATOR__ENGINE__PAGED_ATTENTION__ENABLED=false
            ORCHESTRATOR__ENGINE__MAX_NUM_SEQS=4 ORCHESTRATOR__LEARNER__DEVICE=cpu ORCHESTRATOR__LEARNER__DTYPE=f32
@@ -145,7 +145,7 @@ else
   ENGINE_BATCHES="1,16,64"; ENGINE_TOKENS=512
   LEARNER_ARGS=(--dtype bf16 --device cuda --batch 1 --seq-len 8192 --recompute --lora-rank 64 --steps 2)
   LEARNER_PLAN_ENV=(ORCHESTRATOR__LEARNER__MICRO_BATCH_TOKENS=8192)
-  RUN_ARGS=(--steps 2 --prompts 8 --n 4 --max-new-tokens 256 --repeats 1 --latency-ms 50)
+  RUN_ARGS=(--steps 2 --prompts 8 --n 4 --max-new-tokens 256 --repeats 1 --latency-ms 50 --off-policy 0)
   RUN_ENV=()
   # The engine alone on the GPU (learner on the host for plan's arithmetic: nothing of it loads).
   ENGINE_ENV=(ORCHESTRATOR__LEARNER__DEVICE=cpu)

@@ -58,6 +58,10 @@ pub struct RunConfig {
     pub n_samples: usize,
     /// Export the learner's weights to the engine every N steps (1 = on-policy).
     pub sync_every: u64,
+    /// 0: each step generates, judges, then learns (synchronous). 1: one-step-off, the next
+    /// step's rollouts are generated and judged while the learner trains on this step's (see
+    /// `trainer::offpolicy`). Deeper pipelines are not implemented.
+    pub max_off_policy_steps: u64,
     /// Write a checkpoint every N steps (the last step always gets one).
     pub save_every: u64,
     /// Checkpoints kept: the newest `keep_last`, plus every step divisible by `keep_every` (0 = none).
@@ -95,6 +99,7 @@ impl Default for RunConfig {
             batch_prompts: 8,
             n_samples: 4,
             sync_every: 1,
+            max_off_policy_steps: 0,
             save_every: 10,
             keep_last: 3,
             keep_every: 0,
@@ -123,6 +128,15 @@ impl RunConfig {
             }
         }
         p.seconds(&format!("{key}.judge_down_max_wait_secs"), self.judge_down_max_wait_secs, 0.0);
+        if self.max_off_policy_steps > 1 {
+            p.push(
+                &format!("{key}.max_off_policy_steps"),
+                format!(
+                    "must be 0 (synchronous) or 1 (one-step-off), got {}: deeper pipelines are not implemented",
+                    self.max_off_policy_steps
+                ),
+            );
+        }
         if self.name.contains('/') || self.name == ".." || self.name == "." {
             p.push(&format!("{key}.name"), format!("must be a plain directory name, got {:?}", self.name));
         }
@@ -273,17 +287,32 @@ impl Config {
     /// Settings that are valid but probably not what the user wants, one line each.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        if self.run.sync_every > 1 && self.learner.is_correction == crate::learner::config::IsCorrection::None {
+        let (sync_every, off) = (self.run.sync_every, self.run.max_off_policy_steps);
+        if (sync_every > 1 || off >= 1) && self.learner.is_correction == crate::learner::config::IsCorrection::None {
             let algo = match self.learner.algorithm {
                 crate::learner::Algorithm::Ppo => "ppo",
                 crate::learner::Algorithm::Grpo => "grpo",
             };
+            // Rollouts of step s come from the weights last synced before they were generated:
+            // up to sync_every - 1 updates old, plus one more when generated a step ahead.
+            let mut why = Vec::new();
+            if sync_every > 1 {
+                why.push(format!("run.sync_every = {sync_every}"));
+            }
+            if off >= 1 {
+                why.push(format!("run.max_off_policy_steps = {off}"));
+            }
+            let fix = match (sync_every > 1, off >= 1) {
+                (true, true) => "sync_every = 1 and max_off_policy_steps = 0",
+                (true, false) => "sync_every = 1",
+                _ => "max_off_policy_steps = 0",
+            };
             w.push(format!(
-                "run.sync_every = {} with learner.algorithm = \"{algo}\": rollouts come from weights up to {} updates \
+                "{} with learner.algorithm = \"{algo}\": rollouts come from weights up to {} updates \
                  old, but the clipped ratio's old log-probs are the learner's current ones, so the update is \
-                 off-policy and uncorrected; set learner.is_correction = \"token-tis\" or sync_every = 1",
-                self.run.sync_every,
-                self.run.sync_every - 1
+                 off-policy and uncorrected; set learner.is_correction = \"token-tis\" or {fix}",
+                why.join(" and "),
+                sync_every - 1 + off,
             ));
         }
         let (e, s) = (&self.engine, &self.engine.sampling);

@@ -204,6 +204,8 @@ enum Kill {
     /// While a checkpoint's temporary directory exists.
     MidCheckpoint,
     After(Duration),
+    /// SIGINT (not SIGKILL) as for `MidJudge(k)`: the run must checkpoint and exit 130.
+    Interrupt(usize),
 }
 
 /// Sets `engine.serial = true` in a config written by [`Setup::config`]: generation then does
@@ -252,20 +254,26 @@ async fn straight_and_killed(
             let got = seen.load(Ordering::SeqCst) - start_requests;
             let fire = match kill {
                 Kill::MidGeneration => got >= 1,
-                Kill::MidJudge(k) => got >= k && server.in_flight() > 0,
+                Kill::MidJudge(k) | Kill::Interrupt(k) => got >= k && server.in_flight() > 0,
                 Kill::MidCheckpoint => std::fs::read_dir(crashed.join("checkpoints"))
                     .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-step-")))
                     .unwrap_or(false),
                 Kill::After(d) => t0.elapsed() >= d,
             };
             if fire {
-                child.child.start_kill().unwrap(); // SIGKILL
+                match kill {
+                    Kill::Interrupt(_) => assert_eq!(unsafe_kill(child.child.id().unwrap() as i32, 2), 0),
+                    _ => child.child.start_kill().unwrap(), // SIGKILL
+                }
                 break true;
             }
             tokio::time::sleep(Duration::from_micros(300)).await;
         };
         let tail = child.stderr().lines().last().unwrap_or_default().to_string();
-        let (code, _, _) = child.wait().await;
+        let (code, out, err) = child.wait().await;
+        if hit && matches!(kill, Kill::Interrupt(_)) {
+            assert!(code == 130 && out.contains("Resume with"), "SIGINT: exit {code}\n{out}\n{err}");
+        }
         landed.push(format!("{kill:?}: {} (last log: {tail})", if hit { "killed" } else { "finished first" }));
         if !hit {
             assert_eq!(code, 0);
@@ -719,4 +727,224 @@ async fn lora_sync_writes_only_the_adapted_weights_and_the_engine_serves_them() 
         }
     };
     assert_eq!(greedy(export).await, greedy(full).await);
+}
+
+/// `run.max_off_policy_steps = 1` with the TIS correction, appended to a config's `[run]` and
+/// `[learner]` by [`Setup::config`]'s arguments.
+const OFF: &str = "max_off_policy_steps = 1";
+const TIS: &str = "is_correction = \"token-tis\"\n";
+
+/// One-step-off: every step once, its rollouts one step stale from step 2 on, the learner's
+/// time spent while the next step's rollouts were made, and every rollout judged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_step_off_trains_on_rollouts_one_step_stale_while_the_next_are_made() {
+    let s = Setup::new(6);
+    // A slow judge, one call at a time: making a step's 6 rollouts takes >= 2.4 s, far longer
+    // than a tiny model's update, so the whole update can hide behind it.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let judge = more_a_judge();
+    let server = ScriptedServer::start(Behavior::rule(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Behavior::delay(Duration::from_millis(400), judge.clone())
+    }))
+    .await
+    .unwrap();
+    let steps = 6u64;
+    let run = format!("steps = {steps}\nbatch_prompts = 2\nn_samples = 3\nsave_every = 3\njudge_concurrency = 1\n{OFF}");
+    let config = s.config("off", &server.base_url(), &run, &format!("lr = 2e-2\n{TIS}"));
+    let dir = s.path("runs/off");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("off-policy and uncorrected"), "token-tis is set: no warning\n{err}");
+
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), (1..=steps).collect::<Vec<_>>(), "every step once");
+    let off: Vec<u64> = m.iter().map(|v| v["off_policy_steps"].as_u64().unwrap()).collect();
+    assert_eq!(off, vec![0, 1, 1, 1, 1, 1], "rollouts of step s come from v(s-2)");
+    assert_eq!(seen.load(Ordering::SeqCst), (steps * 6) as usize, "every rollout judged once, none made twice");
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+    for v in &m {
+        let st = v["step"].as_u64().unwrap();
+        assert_eq!(v["rollouts"].as_u64(), Some(6));
+        assert!(f(v, "t_overlap") <= f(v, "t_learn") + 1e-9, "{v}");
+        if st < steps {
+            // The next step's rollouts were made alongside the whole update.
+            assert!(f(v, "t_overlap") >= 0.8 * f(v, "t_learn") && f(v, "t_overlap") > 0.0, "step {st}: {v}");
+            assert!(f(v, "t_generate") > 0.0, "step {st}: the next step's generation ran in this step: {v}");
+        } else {
+            assert_eq!(f(v, "t_overlap"), 0.0, "nothing is made ahead of the last step: {v}");
+        }
+        // Where the step's wall time went adds up.
+        let parts = f(v, "t_generate") + f(v, "t_judge_tail") + f(v, "t_learn") - f(v, "t_overlap") + f(v, "t_sync")
+            + v["t_checkpoint"].as_f64().unwrap_or(0.0)
+            + f(v, "t_other");
+        assert!((parts - f(v, "t_step")).abs() < 0.05 * f(v, "t_step") + 0.01, "step {st}: phases {parts} vs step {}", f(v, "t_step"));
+    }
+    // The engine sampled step 1 with the learner's own weights, later steps with older ones.
+    assert!(f(&m[0], "logprob_max_diff") < 1e-3, "{}", m[0]);
+    let stale = m[1..].iter().map(|v| f(v, "logprob_max_diff")).fold(0.0, f64::max);
+    assert!(stale > 1e-3, "one-step-off rollouts match the learner's weights: max diff {stale}");
+    // Off-policy metrics are in TensorBoard too (every numeric field is mirrored).
+    let ev = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("tfevents")).unwrap();
+    let bytes = std::fs::read(ev).unwrap();
+    for tag in ["off_policy_steps", "t_overlap"] {
+        assert!(bytes.windows(tag.len()).any(|w| w == tag.as_bytes()), "{tag} not in the event file");
+    }
+    // The last step has no next step: its checkpoint holds no pending rollouts; the middle one does.
+    assert!(dir.join("checkpoints/step-000003/pending.json").is_file());
+    assert_eq!(json(&dir.join("checkpoints/step-000003/trainer.json"))["pending"].as_u64(), Some(4));
+    assert!(!dir.join("checkpoints/step-000006/pending.json").exists());
+}
+
+/// One-step-off with `engine.serial = true`: killed with SIGKILL at random moments, and stopped
+/// with SIGINT while the next step's rollouts were being made, the resumed run equals an
+/// uninterrupted one bit for bit. A SIGINT checkpoint holds the weights the next step's
+/// rollouts must come from (the engine's, one version behind the learner's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_step_off_kill_9_and_sigint_then_resume_bit_exact() {
+    let s = Setup::new(6);
+    let (server, seen) = counting_judge().await;
+    let steps = 14u64;
+    let run = format!("steps = {steps}\nbatch_prompts = 2\nn_samples = 3\nsync_every = 1\nsave_every = 3\nkeep_last = 3\njudge_concurrency = 4\n{OFF}");
+    let config = s.config("offkill", &server.base_url(), &run, &format!("{TIS}[learner.lora]\nenabled = false\n"));
+    serial_engine(&config);
+
+    let (straight, crashed) = (s.path("runs/straight"), s.path("runs/crashed"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0ff1);
+    // A process's first step makes its own 6 rollouts (requests 1-6), then the next step's
+    // (7-12) alongside the update: Interrupt(8) lands there, so the checkpoint it writes has
+    // no pending rollouts and the resumed run must make them on the same weights.
+    let plan = [
+        Kill::Interrupt(8),
+        Kill::MidGeneration,
+        Kill::MidJudge(9),
+        Kill::MidCheckpoint,
+        Kill::Interrupt(rng.random_range(14..17)),
+        Kill::After(Duration::from_millis(rng.random_range(1500..3000))),
+        Kill::MidJudge(rng.random_range(2..12)),
+    ];
+    straight_and_killed(&config, &straight, &crashed, &server, &seen, &plan).await;
+
+    let (a, b) = (read_jsonl(&straight.join("metrics.jsonl")).unwrap(), read_jsonl(&crashed.join("metrics.jsonl")).unwrap());
+    assert_eq!(steps_of(&b), (1..=steps).collect::<Vec<_>>(), "a step missing or repeated");
+    let off: Vec<u64> = a.iter().map(|v| v["off_policy_steps"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=steps).map(|s| u64::from(s > 1)).collect();
+    assert_eq!(off, want, "rollouts of step s come from v(s-2)");
+    // A SIGINT during the next step's generation defers the engine's sync to the resumed run's
+    // first step (see `trainer::offpolicy`): the same exports, counted one step later.
+    let part = |v: &Value| {
+        let mut p = deterministic_part(v);
+        p.remove("sync_bytes");
+        p
+    };
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(part(x), part(y), "step {} differs", x["step"]);
+    }
+    let sync_bytes = |m: &[Value]| m.iter().map(|v| v["sync_bytes"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sync_bytes(&a), sync_bytes(&b), "weight bytes synced");
+    let last = |d: &Path| d.join(format!("checkpoints/step-{steps:06}"));
+    for f in ["learner/trainable.safetensors", "learner/optimizer.safetensors"] {
+        assert_eq!(sha(&last(&straight).join(f)), sha(&last(&crashed).join(f)), "{f} differs after kills");
+    }
+    let (x, y) = (json(&last(&straight).join("trainer.json")), json(&last(&crashed).join("trainer.json")));
+    assert_eq!(x["curriculum"], y["curriculum"]);
+    assert_eq!(x["sampler"], y["sampler"]);
+    for st in 1..=steps {
+        let strip = |v: Vec<Value>| -> Vec<Value> {
+            v.into_iter()
+                .map(|mut x| {
+                    for c in x["calls"].as_array_mut().unwrap() {
+                        c.as_object_mut().unwrap().remove("latency_ms");
+                    }
+                    x
+                })
+                .collect()
+        };
+        assert_eq!(strip(samples(&straight, st)), strip(samples(&crashed, st)), "samples of step {st}");
+    }
+}
+
+/// SIGINT in a one-step-off run while the next step's rollouts are being made: exit 130, a
+/// checkpoint without them whose engine weights are the ones they must come from, and a resume
+/// that makes them there (still one step stale) and finishes every step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_step_off_sigint_checkpoints_the_weights_the_next_rollouts_need() {
+    let s = Setup::new(4);
+    let (server, seen) = counting_judge().await;
+    let run = format!("steps = 5\nbatch_prompts = 2\nn_samples = 2\nsave_every = 100\njudge_concurrency = 1\n{OFF}");
+    let config = s.config("offint", &server.base_url(), &run, TIS);
+    let dir = s.path("runs/offint");
+    let child = spawn(&config, &dir, &[], &[]);
+    // Step 1: requests 1-4 (its own), 5-8 (step 2's, alongside the update); step 2: 9-12 are
+    // step 3's, made on v(1) while the learner makes v(2).
+    let t0 = Instant::now();
+    while !(seen.load(Ordering::SeqCst) >= 10 && server.in_flight() > 0) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{}", child.stderr());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(unsafe_kill(child.child.id().unwrap() as i32, 2), 0);
+    let (code, out, err) = child.wait().await;
+    assert_eq!(code, 130, "{err}");
+    assert!(out.contains("Resume with"), "{out}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2], "{err}");
+    let ck = dir.join("checkpoints/step-000002");
+    let state = json(&ck.join("trainer.json"));
+    assert!(state.get("pending").is_none() && !ck.join("pending.json").exists(), "step 3's rollouts were not complete: {state}");
+    assert_eq!(state["served_step"].as_u64(), Some(1), "the engine kept v(1), which step 3 is made with: {state}");
+    assert!(ck.join("policy/config.json").is_file(), "the checkpoint holds the served export");
+
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2, 3, 4, 5]);
+    let off: Vec<u64> = m.iter().map(|v| v["off_policy_steps"].as_u64().unwrap()).collect();
+    assert_eq!(off, vec![0, 1, 1, 1, 1], "the resumed run keeps the schedule");
+}
+
+/// One-step-off with the judge going down while the next step's rollouts are judged: the step
+/// being trained finishes, the next is dropped, a checkpoint is written and the run exits 3;
+/// resumed with the judge back, it finishes every step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_step_off_judge_down_stops_after_the_step_in_training() {
+    let s = Setup::new(4);
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up.clone();
+    // Steps 1 and 2's rollouts (8 requests) are judged; step 3's fail until `up`.
+    let (server, _) = judge_down_when(move |i| i >= 8 && !flag.load(Ordering::SeqCst)).await;
+    let run = format!("steps = 4\nbatch_prompts = 2\nn_samples = 2\nsave_every = 100\n{OFF}");
+    let config = s.config("offdown", &server.base_url(), &run, TIS);
+    with_breaker(&config, 2, 30.0);
+    let dir = s.path("runs/offdown");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("judge unavailable") && err.contains("step 3"), "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2], "step 2 was trained while step 3 was judged; step 3 is dropped");
+    assert_eq!(std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap().trim(), "step-000002");
+    assert!(!dir.join("checkpoints/step-000002/pending.json").exists());
+
+    up.store(true, Ordering::SeqCst);
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2, 3, 4]);
+    assert!(m.iter().all(|v| v["unscored"].as_u64() == Some(0)), "the dropped step was made again and judged");
+    let off: Vec<u64> = m.iter().map(|v| v["off_policy_steps"].as_u64().unwrap()).collect();
+    assert_eq!(off, vec![0, 1, 1, 1]);
+}
+
+/// `run.max_off_policy_steps` above 1 is refused with its key; 1 without TIS is warned about.
+#[test]
+fn max_off_policy_steps_is_checked_and_warned_about() {
+    let s = Setup::new(2);
+    let config = s.config("deep", "http://127.0.0.1:9", "steps = 2\nmax_off_policy_steps = 2", "");
+    let e = format!("{:#}", orchestrator::config::Config::load(&config).unwrap_err());
+    assert!(e.contains("run.max_off_policy_steps") && e.contains("got 2") && e.contains("deep.toml"), "{e}");
+    let config = s.config("one", "http://127.0.0.1:9", "steps = 2\nmax_off_policy_steps = 1", "");
+    let w = orchestrator::config::Config::load(&config).unwrap().warnings().join("\n");
+    assert!(w.contains("run.max_off_policy_steps = 1") && w.contains("token-tis") && w.contains("1 updates"), "{w}");
+    let config = s.config("tis", "http://127.0.0.1:9", "steps = 2\nmax_off_policy_steps = 1", TIS);
+    assert!(orchestrator::config::Config::load(&config).unwrap().warnings().is_empty());
 }

@@ -3,7 +3,14 @@
 //!
 //! 1. overlap: rollout+judge phase wall / max(generation alone, judging alone), same rollouts;
 //! 2. sync: weight-sync wall / (bytes written / this machine's measured copy bandwidth);
-//! 3. overhead: share of step time outside engine, judge, learner, sync and checkpoint.
+//! 3. steps: whole training steps, once per `--off-policy` mode (synchronous, one-step-off),
+//!    each a fresh run with the same seeds: median step time, the share of step time outside
+//!    engine, judge, learner, sync and checkpoint, and for one-step-off the share of the
+//!    learner's time hidden behind generation and the step time against the synchronous run.
+//!
+//! What the runs train on is a [`RunBench`]: the engine backend is one of its fields, so a remote
+//! pool becomes one more [`Backend`] (it changes the `[engine]` section the bench writes and what
+//! is started before the runs), not another bench.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,9 +58,40 @@ pub struct BenchRunArgs {
     /// Skip the generation/judging overlap measurement (three extra generations per repeat).
     #[arg(long)]
     pub skip_overlap: bool,
+    /// `run.max_off_policy_steps` of each training run measured in section 3 (0 = synchronous,
+    /// 1 = one-step-off), each a fresh run of --steps steps.
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    pub off_policy: Vec<u64>,
     /// Also write the measurements as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// Where the bench's rollouts are generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded mistral.rs engine, in this process.
+    Embedded,
+}
+
+/// What the bench's training runs are: the engine backend and the run settings the flags give.
+#[derive(Debug, Clone)]
+pub struct RunBench {
+    pub backend: Backend,
+    pub args: BenchRunArgs,
+}
+
+impl RunBench {
+    pub fn from_args(args: BenchRunArgs) -> Self {
+        Self { backend: Backend::Embedded, args }
+    }
+
+    /// The `[engine]` section of the bench's own config.
+    fn engine_toml(&self) -> &'static str {
+        match self.backend {
+            Backend::Embedded => "[engine]\nmax_num_seqs = 16\n",
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -62,6 +100,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn run(args: BenchRunArgs) -> Result<()> {
+    let bench = RunBench::from_args(args);
+    let args = &bench.args;
+    for &m in &args.off_policy {
+        if m > 1 {
+            anyhow::bail!("--off-policy: {m} is not a valid run.max_off_policy_steps (0 = synchronous, 1 = one-step-off)");
+        }
+    }
     let tmp = std::env::temp_dir().join(format!("orchestrator-bench-run-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(tmp.clone());
     std::fs::create_dir_all(&tmp)?;
@@ -81,12 +126,15 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
     write_tasks(&tmp.join("tasks.jsonl"), &letter_tasks(args.prompts * 4), References::Required)?;
     let server = ScriptedServer::start(Behavior::delay(Duration::from_millis(args.latency_ms), more_a_judge())).await?;
     let lora = if args.lora { "[learner.lora]\nenabled = true\nrank = 4\nalpha = 8.0\n" } else { "" };
+    // Every run of the bench, synchronous or not, computes the TIS weights (the learner logs the
+    // mismatch either way); one-step-off applies them, as its config should.
     let cfg_text = format!(
-        "[model]\npath = {model:?}\ndtype = \"f32\"\n\n[engine]\nmax_num_seqs = 16\n[engine.sampling]\ntemperature = 1.0\n\
+        "[model]\npath = {model:?}\ndtype = \"f32\"\n\n{engine}[engine.sampling]\ntemperature = 1.0\n\
          max_new_tokens = {mnt}\n\n[run]\nseed = 7\nsteps = {steps}\nbatch_prompts = {p}\nn_samples = {n}\nsync_every = 1\n\
-         save_every = {steps}\njudge_concurrency = 64\n\n[data]\ntasks = \"tasks.jsonl\"\n\n[judge]\nkind = \"openai\"\n\
-         [judge.openai]\nbase_url = \"{url}\"\nmodel = \"scripted\"\napi_key_env = \"\"\nmax_concurrency = 64\n\n\
-         [learner]\nalgorithm = \"grpo\"\nlr = 1e-3\nthreads = 2\n{lora}",
+         save_every = {steps}\njudge_concurrency = 64\nmax_off_policy_steps = OFF_POLICY\n\n[data]\ntasks = \"tasks.jsonl\"\n\n\
+         [judge]\nkind = \"openai\"\n[judge.openai]\nbase_url = \"{url}\"\nmodel = \"scripted\"\napi_key_env = \"\"\n\
+         max_concurrency = 64\n\n[learner]\nalgorithm = \"grpo\"\nlr = 1e-3\nthreads = 2\nis_correction = \"token-tis\"\n{lora}",
+        engine = bench.engine_toml(),
         model = model.display().to_string(),
         mnt = args.max_new_tokens,
         steps = args.steps,
@@ -94,36 +142,45 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
         n = args.n,
         url = server.base_url(),
     );
-    let config = tmp.join("bench.toml");
-    match user_cfg {
-        None => std::fs::write(&config, cfg_text)?,
-        Some(mut c) => {
-            use crate::judge::config::{JudgeKind, VerdictMode};
-            c.model.path = model.clone();
-            c.judge.kind = JudgeKind::Openai;
-            c.judge.mode = VerdictMode::Generate;
-            c.judge.templates = None;
-            c.judge.openai.base_url = server.base_url();
-            c.judge.openai.model = "scripted".into();
-            c.judge.openai.api_key_env = String::new();
-            c.judge.openai.max_concurrency = 64;
-            c.data.tasks = Some(tmp.join("tasks.jsonl"));
-            c.data.eval_tasks = None;
-            c.run.steps = args.steps;
-            c.run.batch_prompts = args.prompts;
-            c.run.n_samples = args.n;
-            c.run.sync_every = 1;
-            c.run.save_every = args.steps;
-            c.run.judge_concurrency = 64;
-            c.engine.sampling.max_new_tokens = args.max_new_tokens;
-            let text = toml::to_string(&c).context("writing the bench's config as TOML")?;
-            std::fs::write(&config, text)?;
+    // One config per mode (`max_off_policy_steps`), else identical.
+    let config_for = |off: u64| -> Result<PathBuf> {
+        let config = tmp.join(format!("bench-off{off}.toml"));
+        match user_cfg.clone() {
+            None => std::fs::write(&config, cfg_text.replace("OFF_POLICY", &off.to_string()))?,
+            Some(mut c) => {
+                use crate::judge::config::{JudgeKind, VerdictMode};
+                c.model.path = model.clone();
+                c.judge.kind = JudgeKind::Openai;
+                c.judge.mode = VerdictMode::Generate;
+                c.judge.templates = None;
+                c.judge.openai.base_url = server.base_url();
+                c.judge.openai.model = "scripted".into();
+                c.judge.openai.api_key_env = String::new();
+                c.judge.openai.max_concurrency = 64;
+                c.data.tasks = Some(tmp.join("tasks.jsonl"));
+                c.data.eval_tasks = None;
+                c.run.steps = args.steps;
+                c.run.batch_prompts = args.prompts;
+                c.run.n_samples = args.n;
+                c.run.sync_every = 1;
+                c.run.save_every = args.steps;
+                c.run.judge_concurrency = 64;
+                c.engine.sampling.max_new_tokens = args.max_new_tokens;
+                c.run.max_off_policy_steps = off;
+                let text = toml::to_string(&c).context("writing the bench's config as TOML")?;
+                std::fs::write(&config, text)?;
+            }
         }
-    }
+        Ok(config)
+    };
     let mut report = serde_json::Map::new();
     report.insert("model".into(), serde_json::json!(model.display().to_string()));
-    let opts = RunOptions { config, run_dir: Some(tmp.join("run")), resume: Resume::Never, allow_config_change: vec![] };
-    let mut trainer = Trainer::start(prepare(&opts)?).await?;
+    let modes = if args.off_policy.is_empty() { vec![0] } else { args.off_policy.clone() };
+    let opts_for = |i: usize, off: u64| -> Result<RunOptions> {
+        let run_dir = Some(tmp.join(format!("run-{i}-off{off}")));
+        Ok(RunOptions { config: config_for(off)?, run_dir, resume: Resume::Never, allow_config_change: vec![] })
+    };
+    let mut trainer = Trainer::start(prepare(&opts_for(0, modes[0])?)?).await?;
     println!(
         "bench run: model {} | {} prompts x {} samples, max_new_tokens {} | judge latency {} ms, concurrency 64 | {} repeats",
         model.display(),
@@ -225,30 +282,167 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
     // Back to the run's own weights before training.
     trainer.engine.reload(&model).await?;
 
-    // 3. Overhead over whole steps.
-    let t = Instant::now();
-    trainer.train().await?;
-    let wall = t.elapsed().as_secs_f64();
-    let lines = crate::metrics::read_jsonl(&trainer.run.metrics())?;
-    let sum = |k: &str| lines.iter().filter_map(|v| v.get(k).and_then(|x| x.as_f64())).sum::<f64>();
-    let (step_t, other) = (sum("t_step"), sum("t_other"));
-    println!(
-        "steps: {} in {wall:.2}s: generate {:.2}s, judge tail {:.2}s, learn {:.2}s, sync {:.2}s, checkpoint {:.2}s, \
-         other {other:.3}s -> overhead share {:.2}% (goal <= 2%)",
-        lines.len(),
-        sum("t_generate"),
-        sum("t_judge_tail"),
-        sum("t_learn"),
-        sum("t_sync"),
-        sum("t_checkpoint"),
-        100.0 * other / step_t.max(1e-9)
-    );
-    report.insert("wall_s".into(), serde_json::json!(wall));
-    report.insert("steps".into(), serde_json::Value::Array(lines));
+    // 3. Whole steps, once per mode: the first on this trainer, the others each on a fresh one.
+    let mut runs = Vec::new();
+    for (i, &off) in modes.iter().enumerate() {
+        if i > 0 {
+            drop(trainer);
+            trainer = Trainer::start(prepare(&opts_for(i, off)?)?).await?;
+        }
+        let t = Instant::now();
+        trainer.train().await?;
+        let wall = t.elapsed().as_secs_f64();
+        runs.push(ModeRun::new(off, wall, crate::metrics::read_jsonl(&trainer.run.metrics())?));
+    }
+    print_modes(&runs);
+    report.insert("wall_s".into(), serde_json::json!(runs[0].wall));
+    report.insert("steps".into(), serde_json::Value::Array(runs[0].lines.clone()));
+    if let (Some(s), Some(o)) = (runs.iter().find(|r| r.off == 0), runs.iter().find(|r| r.off == 1)) {
+        report.insert("off_policy_vs_sync".into(), serde_json::to_value(OffVsSync::of(s, o))?);
+    }
+    report.insert("modes".into(), serde_json::Value::Array(runs.iter().map(|r| r.json()).collect()));
     if let Some(path) = &args.json {
         crate::fsutil::atomic_write(path, &serde_json::to_vec_pretty(&serde_json::Value::Object(report))?)?;
     }
     Ok(())
+}
+
+/// One training run of section 3 and its medians over the steady steps: from step 2 (step 1 has
+/// no rollouts made ahead) to the one before the last (which has nothing to make ahead), when
+/// there are four steps or more. Medians, because a machine shared with other work stretches
+/// single steps.
+struct ModeRun {
+    off: u64,
+    wall: f64,
+    lines: Vec<serde_json::Value>,
+    steady: (u64, u64),
+}
+
+impl ModeRun {
+    fn new(off: u64, wall: f64, lines: Vec<serde_json::Value>) -> Self {
+        let n = lines.len() as u64;
+        let steady = if n >= 4 { (2, n - 1) } else { (1, n) };
+        Self { off, wall, lines, steady }
+    }
+
+    fn name(&self) -> &'static str {
+        if self.off == 0 { "synchronous" } else { "one-step-off" }
+    }
+
+    fn steady_lines(&self) -> impl Iterator<Item = &serde_json::Value> {
+        let (a, b) = self.steady;
+        self.lines.iter().filter(move |v| v["step"].as_u64().is_some_and(|s| s >= a && s <= b))
+    }
+
+    /// Median of `key` over the steady steps (0 without values).
+    fn med(&self, key: &str) -> f64 {
+        let xs: Vec<f64> = self.steady_lines().filter_map(|v| v.get(key).and_then(|x| x.as_f64())).collect();
+        if xs.is_empty() { 0.0 } else { median(xs) }
+    }
+
+    /// Sum of `key` over the steady steps.
+    fn steady_sum(&self, key: &str) -> f64 {
+        self.steady_lines().filter_map(|v| v.get(key).and_then(|x| x.as_f64())).fold(0.0, |a, x| a + x)
+    }
+
+    fn sum_all(&self, key: &str) -> f64 {
+        self.lines.iter().filter_map(|v| v.get(key).and_then(|x| x.as_f64())).fold(0.0, |a, x| a + x)
+    }
+
+    /// Share of the learner's time (steady steps) that ran alongside generation and judging.
+    fn hidden_share(&self) -> f64 {
+        self.steady_sum("t_overlap") / self.steady_sum("t_learn").max(1e-9)
+    }
+
+    fn overhead_share(&self) -> f64 {
+        self.sum_all("t_other") / self.sum_all("t_step").max(1e-9)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_off_policy_steps": self.off, "wall_s": self.wall, "steady_steps": [self.steady.0, self.steady.1],
+            "median_step_s": self.med("t_step"), "median_generate_s": self.med("t_generate"),
+            "median_judge_tail_s": self.med("t_judge_tail"), "median_learn_s": self.med("t_learn"),
+            "median_overlap_s": self.med("t_overlap"), "median_sync_s": self.med("t_sync"),
+            "hidden_share": self.hidden_share(), "overhead_share": self.overhead_share(),
+            "off_policy_steps": self.lines.iter().map(|v| v["off_policy_steps"].clone()).collect::<Vec<_>>(),
+            "steps": self.lines,
+        })
+    }
+}
+
+/// One-step-off against synchronous, on the steady steps' medians.
+#[derive(serde::Serialize)]
+struct OffVsSync {
+    /// Median step time, one-step-off over synchronous.
+    step_ratio: f64,
+    /// Wall time of the whole run (the same steps and work), one-step-off over synchronous.
+    wall_ratio: f64,
+    /// One-step-off's learner time that ran alongside generation (t_overlap / t_learn).
+    hidden_share: f64,
+    /// The synchronous step's learner time that one-step-off took off the step:
+    /// (synchronous step - one-step-off step) / synchronous learn. Below `hidden_share` when
+    /// learning and generating slow each other down (they share the machine's cores).
+    saved_share: f64,
+}
+
+impl OffVsSync {
+    fn of(sync: &ModeRun, off: &ModeRun) -> Self {
+        Self {
+            step_ratio: off.med("t_step") / sync.med("t_step").max(1e-9),
+            wall_ratio: off.wall / sync.wall.max(1e-9),
+            hidden_share: off.hidden_share(),
+            saved_share: (sync.med("t_step") - off.med("t_step")) / sync.med("t_learn").max(1e-9),
+        }
+    }
+}
+
+fn print_modes(runs: &[ModeRun]) {
+    let r0 = &runs[0];
+    println!(
+        "steps: {} per run, medians over steps {}-{} (s)\n{:<14}{:>8}{:>8}{:>10}{:>12}{:>8}{:>9}{:>8}{:>8}{:>11}",
+        r0.lines.len(),
+        r0.steady.0,
+        r0.steady.1,
+        "mode",
+        "wall",
+        "step",
+        "generate",
+        "judge tail",
+        "learn",
+        "hidden",
+        "sync",
+        "ckpt",
+        "overhead",
+    );
+    for r in runs {
+        println!(
+            "{:<14}{:>8.2}{:>8.3}{:>10.3}{:>12.3}{:>8.3}{:>9.3}{:>8.3}{:>8.3}{:>10.2}%",
+            r.name(),
+            r.wall,
+            r.med("t_step"),
+            r.med("t_generate"),
+            r.med("t_judge_tail"),
+            r.med("t_learn"),
+            r.med("t_overlap"),
+            r.med("t_sync"),
+            r.med("t_checkpoint"),
+            100.0 * r.overhead_share(),
+        );
+    }
+    println!("overhead: share of step time outside engine, judge, learner, sync and checkpoint (goal <= 2%)");
+    if let (Some(s), Some(o)) = (runs.iter().find(|r| r.off == 0), runs.iter().find(|r| r.off == 1)) {
+        let c = OffVsSync::of(s, o);
+        println!(
+            "one-step-off vs synchronous: step time ratio {:.3} (run wall ratio {:.3}); learner time hidden {:.0}% \
+             (t_overlap / t_learn, goal >= 80% when generation dominates); synchronous learner time saved {:.0}% \
+             ((sync step - off step) / sync learn)",
+            c.step_ratio,
+            c.wall_ratio,
+            100.0 * c.hidden_share,
+            100.0 * c.saved_share,
+        );
+    }
 }
 
 fn largest_safetensors(dir: &Path) -> Result<PathBuf> {

@@ -10,8 +10,11 @@
 //! trajectories; a prompt with none scored is skipped. Everything a step depends on (task order,
 //! sampling streams, reward order, learner draws) derives from `run.seed` and the step number, so
 //! a run resumed from a checkpoint repeats the uninterrupted run's steps exactly on CPU.
+//! With `run.max_off_policy_steps = 1` the next step's rollouts are made while the learner
+//! trains (see [`offpolicy`]).
 
 pub mod bench;
+pub mod offpolicy;
 pub mod prepare;
 pub mod record;
 pub mod state;
@@ -30,7 +33,7 @@ use crate::config::Config;
 use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
 use crate::engine::remote::PoolShort;
-use crate::engine::{Backend, ChatMessage, Engine, FinishReason, MistralEngine, RemoteEngine, Role, Rollout, WeightFormat};
+use crate::engine::{Backend, ChatMessage, Engine, MistralEngine, RemoteEngine, Role, Rollout, WeightFormat};
 use crate::judge::{Judge, JudgeHealth};
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
@@ -38,7 +41,8 @@ use crate::progress::Progress;
 use crate::reward::RewardStats;
 use crate::rundir::{config_hash, RunDir};
 
-use record::{mean_std, samples_file, SampleRecord, StepRecord};
+use offpolicy::Pending;
+use record::StepRecord;
 use crate::rundir::{LEARNER_DIR, POLICY_DIR};
 use state::TrainerState;
 use rollouts::{Judged, JudgeDown};
@@ -157,6 +161,8 @@ pub struct Trainer {
     checkpoints: Checkpoints,
     metrics: MetricsWriter,
     served: Served,
+    /// One-step-off: the next step's rollouts, generated and judged during the last step.
+    pending: Option<Pending>,
     /// Steps completed, and whether the learner changed since the last sync.
     step: u64,
     dirty: bool,
@@ -202,6 +208,7 @@ impl Trainer {
         .context("learner thread panicked")??;
         eprintln!("learner ready in {:.1}s", t0.elapsed().as_secs_f64());
 
+        let pending_step = saved.as_ref().and_then(|s| s.pending);
         let (curriculum, sampler, step, dirty, served_step) = match (&saved, &checkpoint) {
             (Some(s), Some(_)) => (
                 Curriculum::restore(&cfg.curriculum, &tasks, s.curriculum.clone())?,
@@ -266,12 +273,19 @@ impl Trainer {
             checkpoints,
             metrics,
             served,
+            pending: None,
             step,
             dirty,
             last_saved: step,
             stop: Arc::new(AtomicBool::new(false)),
             stop_notify: Arc::new(tokio::sync::Notify::new()),
         };
+        if let (Some(ps), Some(d)) = (pending_step, &checkpoint) {
+            if ps != step + 1 {
+                anyhow::bail!("{}: pending step {ps} does not follow the checkpoint's step {step}", d.join(state::TRAINER_FILE).display());
+            }
+            trainer.pending = Some(Pending::read(d, ps, &trainer.tasks)?);
+        }
         trainer.repair_after_resume(saved.and_then(|s| s.record))?;
         trainer.metrics.tensorboard(&trainer.run.root, trainer.cfg.run.tensorboard)?;
         // A resumed run shows the state it resumes in until its next step ends.
@@ -387,8 +401,10 @@ impl Trainer {
             curriculum: self.curriculum.state().clone(),
             served_step: self.served.step,
             dirty: self.dirty,
+            pending: self.pending.as_ref().map(|p| p.step),
             record,
         };
+        let pending = self.pending.as_ref().map(|p| p.encode()).transpose()?;
         let served_policy = (self.served.owned && self.served.step != self.step).then(|| self.served.path.clone());
         let (ckdir, hash, step) = (self.checkpoints.dir().to_path_buf(), self.hash.clone(), self.step);
         let retention = Retention { keep_last: self.cfg.run.keep_last, keep_every: self.cfg.run.keep_every };
@@ -397,6 +413,9 @@ impl Trainer {
                 l.save(&d.join(LEARNER_DIR))?;
                 if let Some(p) = &served_policy {
                     sync::link_files(p, &d.join(POLICY_DIR))?;
+                }
+                if let Some(bytes) = &pending {
+                    crate::fsutil::atomic_write(&d.join(offpolicy::PENDING_FILE), bytes)?;
                 }
                 state.write(d)
             })
@@ -408,45 +427,83 @@ impl Trainer {
         Ok(secs)
     }
 
-    async fn step_once(&mut self) -> Result<StepEnd> {
-        let t_step = Instant::now();
-        let step = self.step + 1;
+    /// Draws step `step`'s batch from the sampler, at the curriculum levels of now.
+    fn draw(&mut self, step: u64) -> Draw {
         let epoch = self.sampler.cursor().epoch;
         let before = self.sampler.clone();
         let batch = self.sampler.next_batch(self.cfg.run.batch_prompts);
-        let levels: Vec<usize> = batch.iter().map(|&ti| self.curriculum.level(&self.tasks[ti].id).unwrap_or(0)).collect();
+        let levels = batch.iter().map(|&ti| self.curriculum.level(&self.tasks[ti].id).unwrap_or(0)).collect();
+        Draw { step, before, epoch, batch, levels, generated_by: self.served.step }
+    }
 
-        // Generation and judging may be abandoned on a signal: nothing has changed yet.
+    /// Generates and judges a drawn batch; None when a stop signal came first (nothing changed).
+    async fn generate_drawn(&self, d: &Draw) -> Result<Option<(Vec<Vec<Judged>>, f64, f64)>> {
         let notify = self.stop_notify.clone();
-        let judged = tokio::select! {
-            r = self.generate_and_judge(step, &batch) => Some(r?),
-            _ = notify.notified() => None,
-        };
-        let Some((mut groups, t_generate, mut t_judge_tail)) = judged else {
-            self.sampler = before;
-            return Ok(StepEnd::Interrupted);
-        };
-        if matches!(self.judge.health(), JudgeHealth::Down { .. }) {
-            let t = Instant::now();
-            match self.handle_judge_down(step, &batch, &mut groups).await {
-                JudgeDown::Recovered => {}
-                JudgeDown::GiveUp(reason) => {
-                    self.sampler = before;
-                    self.bars.log(format!("step {step}: {reason}; stopping (the step is dropped, nothing was trained on it)"));
-                    return Ok(StepEnd::JudgeDown(reason));
-                }
-                JudgeDown::Interrupted => {
-                    self.sampler = before;
-                    return Ok(StepEnd::Interrupted);
-                }
-            }
-            t_judge_tail += t.elapsed().as_secs_f64();
+        tokio::select! {
+            r = self.generate_and_judge(d.step, &d.batch) => Ok(Some(r?)),
+            _ = notify.notified() => Ok(None),
         }
+    }
+
+    /// An open judge breaker after a drawn batch's judging: waited out (the seconds it took) or
+    /// the step given up on. The caller puts the sampler back on an `Err`.
+    async fn settle(&self, d: &Draw, groups: &mut [Vec<Judged>]) -> Result<f64, StepEnd> {
+        if !matches!(self.judge.health(), JudgeHealth::Down { .. }) {
+            return Ok(0.0);
+        }
+        let t = Instant::now();
+        match self.handle_judge_down(d.step, &d.batch, groups).await {
+            JudgeDown::Recovered => Ok(t.elapsed().as_secs_f64()),
+            JudgeDown::GiveUp(reason) => {
+                self.bars.log(format!("step {}: {reason}; stopping (the step is dropped, nothing was trained on it)", d.step));
+                Err(StepEnd::JudgeDown(reason))
+            }
+            JudgeDown::Interrupted => Err(StepEnd::Interrupted),
+        }
+    }
+
+    /// Exports the learner's weights as step `step`'s and has the engine serve them: (seconds, bytes).
+    async fn sync_to_engine(&mut self, step: u64) -> Result<(f64, u64)> {
+        let t = Instant::now();
+        let bytes = self.sync_engine(step).await?;
+        self.dirty = false;
+        Ok((t.elapsed().as_secs_f64(), bytes))
+    }
+
+    async fn step_once(&mut self) -> Result<StepEnd> {
+        let t_step = Instant::now();
+        let step = self.step + 1;
+        let ahead = self.cfg.run.max_off_policy_steps >= 1;
+        // Where this step's wall time went (see `StepRecord`).
+        let (mut t_generate, mut t_judge_tail, mut t_sync, mut sync_bytes) = (0.0, 0.0, 0.0, 0u64);
+
+        // This step's rollouts: generated during the previous step (one-step-off), or now. Until
+        // they are judged a stop signal abandons the step: nothing has changed yet.
+        let own = match self.pending.take() {
+            Some(p) => p,
+            None => {
+                let d = self.draw(step);
+                let Some((mut groups, tg, tj)) = self.generate_drawn(&d).await? else {
+                    self.sampler = d.before;
+                    return Ok(StepEnd::Interrupted);
+                };
+                let waited = match self.settle(&d, &mut groups).await {
+                    Ok(s) => s,
+                    Err(end) => {
+                        self.sampler = d.before;
+                        return Ok(end);
+                    }
+                };
+                (t_generate, t_judge_tail) = (tg, tj + waited);
+                d.into_pending(&self.tasks, groups, tg, tj + waited)
+            }
+        };
 
         // Rewards -> curriculum (each task moves at most one level per step).
-        let outcomes: Vec<(String, Vec<curriculum::Outcome>)> = batch
+        let outcomes: Vec<(String, Vec<curriculum::Outcome>)> = own
+            .batch
             .iter()
-            .zip(&groups)
+            .zip(&own.groups)
             .map(|(&ti, g)| (self.tasks[ti].id.clone(), g.iter().map(|j| j.reward.outcome.into()).collect()))
             .collect();
         let cm = self.curriculum.advance(outcomes.iter().map(|(id, o)| (id.as_str(), o.as_slice())))?;
@@ -455,7 +512,7 @@ impl Trainer {
         let mut trajs = Vec::new();
         let mut skipped = 0u64;
         let mut stats = RewardStats::default();
-        for (pi, g) in groups.iter().enumerate() {
+        for (pi, g) in own.groups.iter().enumerate() {
             let scored: Vec<&Judged> = g.iter().filter(|j| !j.reward.is_unscored()).collect();
             if scored.is_empty() {
                 skipped += 1;
@@ -468,121 +525,98 @@ impl Trainer {
                 trajs.push(trajectory(&j.rollout, j.reward.reward.expect("scored"), group_id));
             }
         }
-        let t_learn0 = Instant::now();
-        let update: Option<UpdateStats> = if trajs.is_empty() {
-            None
-        } else {
-            let temperature = self.cfg.engine.sampling.temperature;
-            Some(on_learner(&mut self.learner, move |l| l.update(&trajs, temperature)).await??)
-        };
-        let t_learn = t_learn0.elapsed().as_secs_f64();
-        self.dirty |= update.is_some();
 
-        // Weight sync.
-        let (mut t_sync, mut sync_bytes) = (0.0, 0u64);
-        if step % self.cfg.run.sync_every == 0 && self.dirty {
-            let t = Instant::now();
-            sync_bytes = self.sync_engine(step).await?;
-            self.dirty = false;
-            t_sync = t.elapsed().as_secs_f64();
+        // One-step-off: the next step's batch, drawn after this step's curriculum move and
+        // generated on the weights the engine serves now. A sync deferred at the end of the last
+        // step (its next rollouts were not complete then: see `offpolicy`) happens first.
+        let next = if ahead && step < self.cfg.run.steps {
+            if (step - 1) % self.cfg.run.sync_every == 0 && self.dirty {
+                let (s, b) = self.sync_to_engine(step - 1).await?;
+                (t_sync, sync_bytes) = (t_sync + s, sync_bytes + b);
+            }
+            Some(self.draw(step + 1))
+        } else {
+            None
+        };
+
+        // The update, with the next step's generation and judging alongside: the next step's
+        // requests go out first (the generation's first poll), then the update starts on its
+        // own thread. Each side notes when it ran, so `t_overlap` is time both spent running.
+        let mut learner = self.learner.take().context("learner lost by an earlier failure")?;
+        let temperature = self.cfg.engine.sampling.temperature;
+        let (generated, gen_start, gen_end, learned) = {
+            let generate = async {
+                match &next {
+                    Some(d) => Some(self.generate_drawn(d).await),
+                    None => None,
+                }
+            };
+            let mut generate = std::pin::pin!(generate);
+            let gen_start = Instant::now();
+            let early = futures::poll!(generate.as_mut());
+            let learn = tokio::task::spawn_blocking(move || {
+                let start = Instant::now();
+                let update = (!trajs.is_empty()).then(|| learner.update(&trajs, temperature));
+                (learner, update, start, Instant::now())
+            });
+            let generated = match early {
+                std::task::Poll::Ready(g) => g,
+                std::task::Poll::Pending => generate.await,
+            };
+            (generated, gen_start, Instant::now(), learn.await)
+        };
+        let (learner, update, learn_start, learn_end) = learned.context("learner thread panicked")?;
+        self.learner = Some(learner);
+        let update: Option<UpdateStats> = update.transpose()?;
+        self.dirty |= update.is_some();
+        let t_learn = (learn_end - learn_start).as_secs_f64();
+
+        // The next step's rollouts: kept for the next step, or dropped (stop signal, judge down)
+        // with the sampler put back, to be generated again on the same weights.
+        let (mut t_overlap, mut next_pending, mut gave_up) = (0.0, None, None);
+        if let (Some(d), Some(r)) = (next, generated) {
+            let both = gen_end.min(learn_end).saturating_duration_since(gen_start.max(learn_start));
+            t_overlap = both.as_secs_f64().min(t_learn);
+            match r? {
+                None => {
+                    t_generate += (gen_end - gen_start).as_secs_f64();
+                    self.sampler = d.before;
+                }
+                Some((mut groups, tg, tj)) => {
+                    (t_generate, t_judge_tail) = (t_generate + tg, t_judge_tail + tj);
+                    match self.settle(&d, &mut groups).await {
+                        Ok(waited) => {
+                            t_judge_tail += waited;
+                            next_pending = Some(d.into_pending(&self.tasks, groups, tg, tj + waited));
+                        }
+                        Err(end) => {
+                            self.sampler = d.before;
+                            if let StepEnd::JudgeDown(reason) = end {
+                                gave_up = Some(reason);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // Weight sync. One-step-off moves the engine on only once the next step's rollouts
+        // exist; otherwise it keeps the weights they must be generated with.
+        if step % self.cfg.run.sync_every == 0 && self.dirty && (!ahead || next_pending.is_some()) {
+            let (s, b) = self.sync_to_engine(step).await?;
+            (t_sync, sync_bytes) = (t_sync + s, sync_bytes + b);
         }
         self.step = step;
+        self.pending = next_pending;
 
-        // Samples of this step.
-        let mut samples = Vec::new();
-        for (pi, g) in groups.iter().enumerate() {
-            let task = &self.tasks[batch[pi]];
-            for j in g {
-                samples.push(SampleRecord {
-                    step,
-                    task_id: task.id.clone(),
-                    prompt: pi,
-                    sample: j.rollout.sample,
-                    level: levels[pi],
-                    top_level: task.top_level().unwrap_or(0),
-                    response: j.rollout.text.clone(),
-                    response_tokens: j.rollout.ids.len(),
-                    finish_reason: j.rollout.finish_reason,
-                    outcome: j.reward.outcome,
-                    reward: j.reward.reward,
-                    soft: j.reward.soft,
-                    consistent: j.reward.consistent,
-                    unscored_reason: j.reward.unscored_reason.clone(),
-                    calls: SampleRecord::calls_of(&j.reward),
-                });
-            }
-        }
-        crate::fsutil::atomic_write_with(&self.run.samples().join(samples_file(step)), |w| {
-            use std::io::Write;
-            for s in &samples {
-                serde_json::to_writer(&mut *w, s)?;
-                w.write_all(b"\n")?;
-            }
-            Ok(())
-        })?;
-
-        let rewards: Vec<f64> = groups.iter().flatten().filter_map(|j| j.reward.reward).collect();
-        let lens: Vec<usize> = groups.iter().flatten().map(|j| j.rollout.ids.len()).collect();
-        let gen_tokens: usize = lens.iter().sum();
-        let rollouts = lens.len() as u64;
-        let latencies: Vec<f64> = groups.iter().flatten().flat_map(|j| &j.reward.calls).map(|c| c.output.latency_ms as f64).collect();
-        let (reward_mean, reward_std) = match mean_std(&rewards) {
-            Some((m, s)) => (Some(m), Some(s)),
-            None => (None, None),
-        };
-        let u = update.as_ref();
-        let mut record = StepRecord {
-            step,
-            epoch,
-            timestamp: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
-            rollouts,
-            scored: rollouts - stats.unscored,
-            unscored: stats.unscored,
-            wins: stats.wins,
-            ties: stats.ties,
-            losses: stats.losses,
-            skipped_groups: skipped,
-            trained: u.map(|u| u.trajectories as u64).unwrap_or(0),
-            reward_mean,
-            reward_std,
-            position_consistency: stats.position_consistency(),
-            levels: cm.histogram.iter().map(|&c| c as u64).collect(),
-            share_at_top: cm.share_at_top,
-            advanced: cm.advanced as u64,
-            // Without a KL term the learner keeps no reference and has no KL to report.
-            kl: u.filter(|_| self.cfg.learner.kl_coef > 0.0).map(|u| u.kl),
-            entropy: u.map(|u| u.entropy),
-            clip_fraction: u.map(|u| u.clip_fraction),
-            value_loss: u.map(|u| u.value_loss),
-            policy_loss: u.map(|u| u.policy_loss),
-            grad_norm: u.map(|u| u.grad_norm).filter(|g| g.is_finite()),
-            skipped_steps: u.map(|u| u.skipped_steps).unwrap_or(0),
-            lr: u.map(|u| u.lr),
-            logprob_max_diff: u.map(|u| u.behaviour_logprob_max_diff),
-            is_mismatch_kl: u.map(|u| u.is_mismatch_kl),
-            is_clipped_share: u.map(|u| u.is_clipped_share),
-            response_tokens_mean: gen_tokens as f64 / rollouts.max(1) as f64,
-            response_tokens_max: lens.iter().copied().max().unwrap_or(0) as u64,
-            truncated: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Length).count() as u64,
-            canceled: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Canceled).count() as u64,
-            gen_tokens_per_s: gen_tokens as f64 / t_generate.max(1e-9),
-            learn_tokens_per_s: u.map(|u| u.tokens as f64 / t_learn.max(1e-9)),
-            judge_calls: groups.iter().flatten().map(|j| j.reward.calls.len() as u64).sum(),
-            judge_retries: stats.retries,
-            judge_latency_ms_mean: mean_std(&latencies).map(|(m, _)| m),
-            judge_latency_ms_max: latencies.iter().map(|&l| l as u64).max(),
-            t_generate,
-            t_judge_tail,
-            t_learn,
-            t_sync,
-            t_checkpoint: None,
-            t_other: 0.0,
-            t_step: 0.0,
-            sync_bytes,
-        };
+        record::write_samples(&self.run.samples(), step, &self.tasks, &own)?;
+        let mut record = record::step_record(step, &own, &stats, skipped, &cm, update.as_ref(), &self.cfg);
+        (record.t_generate, record.t_judge_tail, record.t_learn, record.t_overlap) = (t_generate, t_judge_tail, t_learn, t_overlap);
+        (record.t_sync, record.sync_bytes) = (t_sync, sync_bytes);
+        record.learn_tokens_per_s = update.as_ref().map(|u| u.tokens as f64 / t_learn.max(1e-9));
 
         let last = step == self.cfg.run.steps;
-        let want_save = step % self.cfg.run.save_every == 0 || last || self.stop.load(Ordering::SeqCst);
+        let want_save = step % self.cfg.run.save_every == 0 || last || gave_up.is_some() || self.stop.load(Ordering::SeqCst);
         let mut t_checkpoint = 0.0;
         if want_save {
             let mut saved = record.clone();
@@ -591,14 +625,15 @@ impl Trainer {
             record.t_checkpoint = Some(t_checkpoint);
         }
         record.t_step = t_step.elapsed().as_secs_f64();
-        record.t_other = (record.t_step - t_generate - t_judge_tail - t_learn - t_sync - t_checkpoint).max(0.0);
+        record.t_other = (record.t_step - t_generate - t_judge_tail - (t_learn - t_overlap) - t_sync - t_checkpoint).max(0.0);
         self.metrics.write(&record)?;
         self.bars.steps.set_message(record.status());
         self.bars.steps.inc(1);
+        let overlap = if ahead { format!(" (hidden {t_overlap:.1}s)") } else { String::new() };
         self.bars.log(format!(
-            "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s sync {:.1}s",
+            "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s{overlap} sync {:.1}s",
             self.cfg.run.steps,
-            reward_mean.map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into()),
+            record.reward_mean.map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into()),
             stats.wins,
             stats.ties,
             stats.losses,
@@ -611,7 +646,37 @@ impl Trainer {
             t_learn,
             t_sync,
         ));
-        Ok(StepEnd::Done)
+        Ok(match gave_up {
+            Some(reason) => StepEnd::JudgeDown(reason),
+            None => StepEnd::Done,
+        })
+    }
+}
+
+/// A step's batch as drawn, before its rollouts exist.
+struct Draw {
+    step: u64,
+    /// The sampler before the draw, put back if the step is dropped.
+    before: TaskSampler,
+    epoch: u64,
+    batch: Vec<usize>,
+    levels: Vec<usize>,
+    generated_by: u64,
+}
+
+impl Draw {
+    fn into_pending(self, tasks: &[Arc<Task>], groups: Vec<Vec<Judged>>, t_generate: f64, t_judge_tail: f64) -> Pending {
+        Pending {
+            step: self.step,
+            epoch: self.epoch,
+            task_ids: self.batch.iter().map(|&ti| tasks[ti].id.clone()).collect(),
+            batch: self.batch,
+            levels: self.levels,
+            generated_by: self.generated_by,
+            t_generate,
+            t_judge_tail,
+            groups,
+        }
     }
 }
 

@@ -1,8 +1,18 @@
 //! What a step leaves behind: one `metrics.jsonl` line and one `samples/step-NNNNNN.jsonl` file.
 
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::offpolicy::Pending;
+use crate::config::Config;
+use crate::curriculum::CurriculumMetrics;
+use crate::data::Task;
 use crate::engine::FinishReason;
+use crate::learner::UpdateStats;
+use crate::reward::RewardStats;
 use crate::judge::{Judgement, LabelProbs, Verdict};
 use crate::reward::{Outcome, RewardOutcome};
 
@@ -65,11 +75,19 @@ pub struct StepRecord {
     /// without calls).
     pub judge_latency_ms_mean: Option<f64>,
     pub judge_latency_ms_max: Option<u64>,
-    /// Phase wall times in seconds. `t_judge_tail` is judging left after the last rollout
-    /// finished; `t_other` is the step's time outside every phase (the trainer's own overhead).
+    /// Phase wall times in seconds: where the step's wall time went. `t_judge_tail` is judging
+    /// left after the last rollout finished; `t_other` is the step's time outside every phase
+    /// (the trainer's own overhead). One-step-off, `t_generate` and `t_judge_tail` are those of
+    /// the rollouts made during this step (the next step's, plus this step's own when none were
+    /// made ahead), and `t_overlap` is the part of `t_learn` that ran alongside them, so
+    /// t_step = t_generate + t_judge_tail + t_learn - t_overlap + t_sync + t_checkpoint + t_other.
+    /// `gen_tokens_per_s` is always this step's rollouts' tokens over their own generation time.
     pub t_generate: f64,
     pub t_judge_tail: f64,
     pub t_learn: f64,
+    /// Learner seconds hidden behind generation and judging (0 unless one-step-off).
+    #[serde(default)]
+    pub t_overlap: f64,
     pub t_sync: f64,
     /// None on the line restored from a checkpoint after a crash (the save's time was lost).
     pub t_checkpoint: Option<f64>,
@@ -77,6 +95,11 @@ pub struct StepRecord {
     pub t_step: f64,
     /// Weight bytes written by this step's sync (0 = no sync).
     pub sync_bytes: u64,
+    /// Staleness of the rollouts trained on: the learner's version before the update (step - 1)
+    /// minus the version that generated them. 0 on-policy; up to sync_every - 1, plus 1
+    /// one-step-off.
+    #[serde(default)]
+    pub off_policy_steps: u64,
 }
 
 /// One judge call as the samples log shows it.
@@ -159,4 +182,113 @@ pub fn mean_std(xs: &[f64]) -> Option<(f64, f64)> {
 
 pub fn samples_file(step: u64) -> String {
     format!("step-{step:06}.jsonl")
+}
+
+/// Writes `samples/step-NNNNNN.jsonl`: every rollout a step trained on (or left out), with its
+/// verdicts.
+pub(super) fn write_samples(dir: &Path, step: u64, tasks: &[Arc<Task>], own: &Pending) -> Result<()> {
+    let mut samples = Vec::new();
+    for (pi, g) in own.groups.iter().enumerate() {
+        let task = &tasks[own.batch[pi]];
+        for j in g {
+            samples.push(SampleRecord {
+                step,
+                task_id: task.id.clone(),
+                prompt: pi,
+                sample: j.rollout.sample,
+                level: own.levels[pi],
+                top_level: task.top_level().unwrap_or(0),
+                response: j.rollout.text.clone(),
+                response_tokens: j.rollout.ids.len(),
+                finish_reason: j.rollout.finish_reason,
+                outcome: j.reward.outcome,
+                reward: j.reward.reward,
+                soft: j.reward.soft,
+                consistent: j.reward.consistent,
+                unscored_reason: j.reward.unscored_reason.clone(),
+                calls: SampleRecord::calls_of(&j.reward),
+            });
+        }
+    }
+    crate::fsutil::atomic_write_with(&dir.join(samples_file(step)), |w| {
+        use std::io::Write;
+        for s in &samples {
+            serde_json::to_writer(&mut *w, s)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+}
+
+/// A step's metrics line from its rollouts and update; the caller fills in the wall times.
+pub(super) fn step_record(
+    step: u64,
+    own: &Pending,
+    stats: &RewardStats,
+    skipped: u64,
+    cm: &CurriculumMetrics,
+    u: Option<&UpdateStats>,
+    cfg: &Config,
+) -> StepRecord {
+    let groups = &own.groups;
+    let rewards: Vec<f64> = groups.iter().flatten().filter_map(|j| j.reward.reward).collect();
+    let lens: Vec<usize> = groups.iter().flatten().map(|j| j.rollout.ids.len()).collect();
+    let gen_tokens: usize = lens.iter().sum();
+    let rollouts = lens.len() as u64;
+    let latencies: Vec<f64> = groups.iter().flatten().flat_map(|j| &j.reward.calls).map(|c| c.output.latency_ms as f64).collect();
+    let (reward_mean, reward_std) = match mean_std(&rewards) {
+        Some((m, s)) => (Some(m), Some(s)),
+        None => (None, None),
+    };
+    StepRecord {
+        step,
+        epoch: own.epoch,
+        timestamp: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        rollouts,
+        scored: rollouts - stats.unscored,
+        unscored: stats.unscored,
+        wins: stats.wins,
+        ties: stats.ties,
+        losses: stats.losses,
+        skipped_groups: skipped,
+        trained: u.map(|u| u.trajectories as u64).unwrap_or(0),
+        reward_mean,
+        reward_std,
+        position_consistency: stats.position_consistency(),
+        levels: cm.histogram.iter().map(|&c| c as u64).collect(),
+        share_at_top: cm.share_at_top,
+        advanced: cm.advanced as u64,
+        // Without a KL term the learner keeps no reference and has no KL to report.
+        kl: u.filter(|_| cfg.learner.kl_coef > 0.0).map(|u| u.kl),
+        entropy: u.map(|u| u.entropy),
+        clip_fraction: u.map(|u| u.clip_fraction),
+        value_loss: u.map(|u| u.value_loss),
+        policy_loss: u.map(|u| u.policy_loss),
+        grad_norm: u.map(|u| u.grad_norm).filter(|g| g.is_finite()),
+        skipped_steps: u.map(|u| u.skipped_steps).unwrap_or(0),
+        lr: u.map(|u| u.lr),
+        logprob_max_diff: u.map(|u| u.behaviour_logprob_max_diff),
+        is_mismatch_kl: u.map(|u| u.is_mismatch_kl),
+        is_clipped_share: u.map(|u| u.is_clipped_share),
+        response_tokens_mean: gen_tokens as f64 / rollouts.max(1) as f64,
+        response_tokens_max: lens.iter().copied().max().unwrap_or(0) as u64,
+        truncated: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Length).count() as u64,
+        canceled: groups.iter().flatten().filter(|j| j.rollout.finish_reason == FinishReason::Canceled).count() as u64,
+        gen_tokens_per_s: gen_tokens as f64 / own.t_generate.max(1e-9),
+        learn_tokens_per_s: None,
+        judge_calls: groups.iter().flatten().map(|j| j.reward.calls.len() as u64).sum(),
+        judge_retries: stats.retries,
+        judge_latency_ms_mean: mean_std(&latencies).map(|(m, _)| m),
+        judge_latency_ms_max: latencies.iter().map(|&l| l as u64).max(),
+        t_generate: 0.0,
+        t_judge_tail: 0.0,
+        t_learn: 0.0,
+        t_overlap: 0.0,
+        t_sync: 0.0,
+        t_checkpoint: None,
+        t_other: 0.0,
+        t_step: 0.0,
+        sync_bytes: 0,
+        off_policy_steps: (step - 1).saturating_sub(own.generated_by),
+    }
 }

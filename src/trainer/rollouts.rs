@@ -11,6 +11,7 @@ fn reward_key(step: u64, prompt: usize, sample: usize) -> u64 {
 }
 
 /// A rollout with its reward, as the step collects them.
+#[derive(Serialize, Deserialize)]
 pub(super) struct Judged {
     pub(super) rollout: Rollout,
     pub(super) reward: RewardOutcome,
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 

@@ -7,7 +7,10 @@
 //!   learner/          trainable weights (all, or the LoRA adapters + value head), optimizer
 //!                     moments, update counters (every random draw of the learner derives from them)
 //!   policy/           only when the engine served older weights than the learner's (sync_every
-//!                     not dividing the step): the export it served, so a resume samples from it
+//!                     not dividing the step, or one-step-off without the next step's rollouts):
+//!                     the export it served, so a resume samples from it
+//!   pending.json      one-step-off only: the next step's rollouts, generated and judged, with
+//!                     their rewards (see `offpolicy`)
 //!   manifest.json     sha256 of every file, written last
 //! ```
 
@@ -32,6 +35,9 @@ pub struct TrainerState {
     pub served_step: u64,
     /// Whether the learner changed since the last sync.
     pub dirty: bool,
+    /// One-step-off: the step whose rollouts `pending.json` holds (always `step + 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<u64>,
     /// This step's metrics line, appended again on resume if a crash lost it.
     pub record: Option<StepRecord>,
 }
