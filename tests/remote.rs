@@ -538,6 +538,17 @@ async fn sglang_disk_pushes_serve_the_learners_full_weights() {
 /// servers back on their ports it resumes and finishes every step once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_pool_dies_checkpoints_stops_and_resumes() {
+    pool_dies_then_resume(0).await;
+}
+
+/// One-step-off: the pool dies while the next step's rollouts are made alongside the update; the
+/// step being trained still ends with a checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_one_step_off_run_whose_pool_dies_checkpoints_the_trained_step_and_resumes() {
+    pool_dies_then_resume(1).await;
+}
+
+async fn pool_dies_then_resume(off: u64) {
     use orchestrator::metrics::read_jsonl;
     use orchestrator::testkit::letters::more_a_judge;
     use orchestrator::testkit::scripted::ScriptedServer;
@@ -545,17 +556,17 @@ async fn a_run_whose_pool_dies_checkpoints_stops_and_resumes() {
     let s = common::RunSetup::new(4);
     let judge = ScriptedServer::start(more_a_judge()).await.unwrap();
     let pool = servers(RemoteKind::Sglang, &s.model, 2).await;
-    let run = "steps = 5\nbatch_prompts = 2\nn_samples = 2\nsave_every = 10";
-    let config = s.config("dies", &judge.base_url(), run, "[learner.lora]\nenabled = true\nrank = 4\n");
+    let run = format!("steps = 5\nbatch_prompts = 2\nn_samples = 2\nsave_every = 10\nmax_off_policy_steps = {off}");
+    let config = s.config(&format!("dies{off}"), &judge.base_url(), &run, "[learner.lora]\nenabled = true\nrank = 4\n");
     let servers: Vec<String> = pool.iter().map(|p| format!("{:?}", p.base_url())).collect();
     let text = std::fs::read_to_string(&config).unwrap().replace("[engine]\n", "[engine]\nbackend = \"remote\"\n")
         + &format!(
-            "\n[engine.remote]\nkind = \"sglang\"\nservers = [{}]\nmodel = \"{SERVED}\"\nexport_dir = \"exports-dies\"\n\
+            "\n[engine.remote]\nkind = \"sglang\"\nservers = [{}]\nmodel = \"{SERVED}\"\nexport_dir = \"exports-dies{off}\"\n\
              max_in_flight_per_server = 4\nprobe_interval_secs = 0.2\nconnect_timeout_secs = 1\nmax_group_retries = 1\n",
             servers.join(", ")
         );
     std::fs::write(&config, text).unwrap();
-    let dir = s.path("runs/dies");
+    let dir = s.path(&format!("runs/dies{off}"));
     let child = spawn_run(&config, &dir, "");
     let t0 = Instant::now();
     while read_jsonl(&dir.join("metrics.jsonl")).map(|m| m.len()).unwrap_or(0) < 2 {
@@ -569,6 +580,10 @@ async fn a_run_whose_pool_dies_checkpoints_stops_and_resumes() {
     let (code, err) = finish(child).await;
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("engine.remote.min_groups_share") && err.contains("resume once the pool is back"), "{err}");
+    if off == 1 {
+        // The pool died while the next step's rollouts were made beside the update.
+        assert!(err.contains("stopped after step"), "{err}");
+    }
     let done = read_jsonl(&dir.join("metrics.jsonl")).unwrap().len() as u64;
     assert!(dir.join(format!("checkpoints/step-{done:06}")).is_dir(), "no checkpoint of step {done}: {err}");
 
@@ -581,5 +596,8 @@ async fn a_run_whose_pool_dies_checkpoints_stops_and_resumes() {
     assert_eq!(code, 0, "{err}");
     let steps: Vec<u64> = read_jsonl(&dir.join("metrics.jsonl")).unwrap().iter().map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=5).collect::<Vec<_>>(), "a step missing or repeated");
-    assert!(back.iter().all(|p| p.loaded() == vec![version_name(5)]), "{:?}", back.iter().map(|p| p.loaded()).collect::<Vec<_>>());
+    // One-step-off syncs a step's weights only once the next step's rollouts exist: the last
+    // step's never go out.
+    let last = version_name(5 - off);
+    assert!(back.iter().all(|p| p.loaded() == vec![last.clone()]), "{:?}", back.iter().map(|p| p.loaded()).collect::<Vec<_>>());
 }

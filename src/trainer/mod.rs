@@ -355,9 +355,14 @@ impl Trainer {
             let before = self.sampler.clone();
             let untouched = |t: &Self| (t.learner.as_ref().map(|l| l.updates()), serde_json::to_value(t.curriculum.state()).ok());
             let marks = untouched(self);
+            let step_before = self.step;
             let end = match self.step_once().await {
                 Err(e) if e.downcast_ref::<PoolShort>().is_some() => {
                     let at = self.step;
+                    // One-step-off: the step before the short one was trained and checkpointed.
+                    if at > step_before && self.last_saved == at {
+                        return Err(e);
+                    }
                     if marks.0.is_some() && marks.1.is_some() && untouched(self) == marks {
                         self.sampler = before;
                         self.save_if_needed(None).await?;
@@ -573,10 +578,19 @@ impl Trainer {
 
         // The next step's rollouts: kept for the next step, or dropped (stop signal, judge down)
         // with the sampler put back, to be generated again on the same weights.
-        let (mut t_overlap, mut next_pending, mut gave_up) = (0.0, None, None);
+        let (mut t_overlap, mut next_pending, mut gave_up, mut pool_short) = (0.0, None, None, None);
         if let (Some(d), Some(r)) = (next, generated) {
             let both = gen_end.min(learn_end).saturating_duration_since(gen_start.max(learn_start));
             t_overlap = both.as_secs_f64().min(t_learn);
+            // A pool too short for the next step's rollouts ends the run after this step, which
+            // is trained and checkpointed like any other; the next step starts afresh on resume.
+            let r = match r {
+                Err(e) if e.downcast_ref::<PoolShort>().is_some() => {
+                    pool_short = Some(e);
+                    Ok(None)
+                }
+                r => r,
+            };
             match r? {
                 None => {
                     t_generate += (gen_end - gen_start).as_secs_f64();
@@ -616,7 +630,7 @@ impl Trainer {
         record.learn_tokens_per_s = update.as_ref().map(|u| u.tokens as f64 / t_learn.max(1e-9));
 
         let last = step == self.cfg.run.steps;
-        let want_save = step % self.cfg.run.save_every == 0 || last || gave_up.is_some() || self.stop.load(Ordering::SeqCst);
+        let want_save = step % self.cfg.run.save_every == 0 || last || gave_up.is_some() || pool_short.is_some() || self.stop.load(Ordering::SeqCst);
         let mut t_checkpoint = 0.0;
         if want_save {
             let mut saved = record.clone();
@@ -646,6 +660,12 @@ impl Trainer {
             t_learn,
             t_sync,
         ));
+        if let Some(e) = pool_short {
+            return Err(e.context(format!(
+                "stopped after step {step} (checkpoint at step {step}): the pool could not generate step {}'s rollouts; resume once the pool is back",
+                step + 1
+            )));
+        }
         Ok(match gave_up {
             Some(reason) => StepEnd::JudgeDown(reason),
             None => StepEnd::Done,
