@@ -8,9 +8,11 @@
 //!    engine, judge, learner, sync and checkpoint, and for one-step-off the share of the
 //!    learner's time hidden behind generation and the step time against the synchronous run.
 //!
-//! What the runs train on is a [`RunBench`]: the engine backend is one of its fields, so a remote
-//! pool becomes one more [`Backend`] (it changes the `[engine]` section the bench writes and what
-//! is started before the runs), not another bench.
+//! What the runs train on is a [`RunBench`]: the engine backend is one of its fields. Section 3
+//! runs once per backend of `--pool` (0 = the embedded engine, N = a remote pool of N loopback
+//! servers, [`crate::testkit::pool`], each generating with its own embedded engine on the same
+//! model) and mode. All of them share this machine's cores, so a pool here measures the HTTP
+//! path's overhead against the embedded engine, not the speed-up of N machines.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,16 +64,32 @@ pub struct BenchRunArgs {
     /// 1 = one-step-off), each a fresh run of --steps steps.
     #[arg(long, value_delimiter = ',', default_value = "0,1")]
     pub off_policy: Vec<u64>,
+    /// Engine backends of section 3: 0 = the embedded engine, N = a remote pool of N loopback
+    /// servers on 127.0.0.1 (SGLang dialect with full-weight pushes; vLLM with LoRA pushes under
+    /// --lora). Each backend runs every --off-policy mode.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub pool: Vec<usize>,
     /// Also write the measurements as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
 /// Where the bench's rollouts are generated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     /// The embedded mistral.rs engine, in this process.
     Embedded,
+    /// A remote pool: the base URLs of its servers (loopback stand-ins started by the bench).
+    Pool { servers: Vec<String>, lora: bool, export_dir: PathBuf },
+}
+
+impl Backend {
+    fn name(&self) -> String {
+        match self {
+            Backend::Embedded => "embedded".into(),
+            Backend::Pool { servers, .. } => format!("pool of {}", servers.len()),
+        }
+    }
 }
 
 /// What the bench's training runs are: the engine backend and the run settings the flags give.
@@ -87,11 +105,52 @@ impl RunBench {
     }
 
     /// The `[engine]` section of the bench's own config.
-    fn engine_toml(&self) -> &'static str {
-        match self.backend {
-            Backend::Embedded => "[engine]\nmax_num_seqs = 16\n",
+    fn engine_toml(&self) -> String {
+        match &self.backend {
+            Backend::Embedded => format!("[engine]\nmax_num_seqs = {BENCH_SEQS}\n"),
+            Backend::Pool { servers, lora, export_dir } => format!(
+                "[engine]\nmax_num_seqs = {BENCH_SEQS}\nbackend = \"remote\"\n[engine.remote]\nkind = \"{}\"\nservers = {servers:?}\n\
+                 model = \"{POOL_MODEL}\"\nweight_push = \"{}\"\nexport_dir = {:?}\n",
+                if *lora { "vllm" } else { "sglang" },
+                if *lora { "lora" } else { "disk" },
+                export_dir.display().to_string(),
+            ),
         }
     }
+
+    /// The same backend in a loaded config (`--config`).
+    fn apply(&self, c: &mut crate::config::Config) {
+        use crate::engine::remote::{RemoteKind, WeightPush};
+        c.engine.max_num_seqs = BENCH_SEQS;
+        match &self.backend {
+            Backend::Embedded => c.engine.backend = crate::engine::Backend::Embedded,
+            Backend::Pool { servers, lora, export_dir } => {
+                c.engine.backend = crate::engine::Backend::Remote;
+                c.engine.remote.kind = if *lora { RemoteKind::Vllm } else { RemoteKind::Sglang };
+                c.engine.remote.weight_push = if *lora { WeightPush::Lora } else { WeightPush::Disk };
+                c.engine.remote.servers = servers.clone();
+                c.engine.remote.model = POOL_MODEL.into();
+                c.engine.remote.export_dir = export_dir.clone();
+            }
+        }
+    }
+}
+
+/// Sequences every engine of the bench batches at once (embedded, or inside each pool server).
+const BENCH_SEQS: usize = 16;
+/// The name the bench's pool servers serve the base model under.
+const POOL_MODEL: &str = "bench-base";
+
+/// Starts `n` loopback pool servers on `model`, each with the bench's engine settings.
+async fn start_pool(n: usize, model: &Path, lora: bool) -> Result<Vec<crate::testkit::pool::PoolServer>> {
+    use crate::testkit::pool::{Dialect, PoolServer, PoolServerOptions};
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut o = PoolServerOptions::new(if lora { Dialect::Vllm } else { Dialect::Sglang }, model, POOL_MODEL);
+        o.engine.max_num_seqs = BENCH_SEQS;
+        out.push(PoolServer::start(o).await?);
+    }
+    Ok(out)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -102,6 +161,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub async fn run(args: BenchRunArgs) -> Result<()> {
     let bench = RunBench::from_args(args);
     let args = &bench.args;
+    if args.pool.is_empty() {
+        anyhow::bail!("--pool: give at least one backend (0 = embedded, N = a pool of N servers)");
+    }
     for &m in &args.off_policy {
         if m > 1 {
             anyhow::bail!("--off-policy: {m} is not a valid run.max_off_policy_steps (0 = synchronous, 1 = one-step-off)");
@@ -128,7 +190,7 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
     let lora = if args.lora { "[learner.lora]\nenabled = true\nrank = 4\nalpha = 8.0\n" } else { "" };
     // Every run of the bench, synchronous or not, computes the TIS weights (the learner logs the
     // mismatch either way); one-step-off applies them, as its config should.
-    let cfg_text = format!(
+    let cfg_text = |bench: &RunBench| format!(
         "[model]\npath = {model:?}\ndtype = \"f32\"\n\n{engine}[engine.sampling]\ntemperature = 1.0\n\
          max_new_tokens = {mnt}\n\n[run]\nseed = 7\nsteps = {steps}\nbatch_prompts = {p}\nn_samples = {n}\nsync_every = 1\n\
          save_every = {steps}\njudge_concurrency = 64\nmax_off_policy_steps = OFF_POLICY\n\n[data]\ntasks = \"tasks.jsonl\"\n\n\
@@ -142,12 +204,13 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
         n = args.n,
         url = server.base_url(),
     );
-    // One config per mode (`max_off_policy_steps`), else identical.
-    let config_for = |off: u64| -> Result<PathBuf> {
-        let config = tmp.join(format!("bench-off{off}.toml"));
+    // One config per backend and mode (`max_off_policy_steps`), else identical.
+    let config_for = |bench: &RunBench, tag: &str, off: u64| -> Result<PathBuf> {
+        let config = tmp.join(format!("bench-{tag}-off{off}.toml"));
         match user_cfg.clone() {
-            None => std::fs::write(&config, cfg_text.replace("OFF_POLICY", &off.to_string()))?,
+            None => std::fs::write(&config, cfg_text(bench).replace("OFF_POLICY", &off.to_string()))?,
             Some(mut c) => {
+                bench.apply(&mut c);
                 use crate::judge::config::{JudgeKind, VerdictMode};
                 c.model.path = model.clone();
                 c.judge.kind = JudgeKind::Openai;
@@ -176,11 +239,11 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
     let mut report = serde_json::Map::new();
     report.insert("model".into(), serde_json::json!(model.display().to_string()));
     let modes = if args.off_policy.is_empty() { vec![0] } else { args.off_policy.clone() };
-    let opts_for = |i: usize, off: u64| -> Result<RunOptions> {
-        let run_dir = Some(tmp.join(format!("run-{i}-off{off}")));
-        Ok(RunOptions { config: config_for(off)?, run_dir, resume: Resume::Never, allow_config_change: vec![] })
+    let opts_for = |bench: &RunBench, tag: &str, off: u64| -> Result<RunOptions> {
+        let run_dir = Some(tmp.join(format!("run-{tag}-off{off}")));
+        Ok(RunOptions { config: config_for(bench, &tag, off)?, run_dir, resume: Resume::Never, allow_config_change: vec![] })
     };
-    let mut trainer = Trainer::start(prepare(&opts_for(0, modes[0])?)?).await?;
+    let mut trainer = Trainer::start(prepare(&opts_for(&bench, "first", modes[0])?)?).await?;
     println!(
         "bench run: model {} | {} prompts x {} samples, max_new_tokens {} | judge latency {} ms, concurrency 64 | {} repeats",
         model.display(),
@@ -282,22 +345,42 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
     // Back to the run's own weights before training.
     trainer.engine.reload(&model).await?;
 
-    // 3. Whole steps, once per mode: the first on this trainer, the others each on a fresh one.
+    // 3. Whole steps, once per backend and mode: the first on this trainer, the others each on a
+    // fresh one (a pool's servers start before its runs and stop after them).
     let mut runs = Vec::new();
-    for (i, &off) in modes.iter().enumerate() {
-        if i > 0 {
-            drop(trainer);
-            trainer = Trainer::start(prepare(&opts_for(i, off)?)?).await?;
+    let mut first = Some(trainer);
+    for (bi, &pool) in args.pool.iter().enumerate() {
+        let (servers, backend) = if pool == 0 {
+            (Vec::new(), Backend::Embedded)
+        } else {
+            let servers = start_pool(pool, &model, args.lora).await?;
+            let urls = servers.iter().map(|s| s.base_url()).collect();
+            let export_dir = tmp.join(format!("pool-export-{bi}"));
+            (servers, Backend::Pool { servers: urls, lora: args.lora, export_dir })
+        };
+        let b = RunBench { backend, args: args.clone() };
+        for (mi, &off) in modes.iter().enumerate() {
+            let mut trainer = match first.take() {
+                Some(t) if pool == 0 && mi == 0 => t,
+                other => {
+                    drop(other);
+                    Trainer::start(prepare(&opts_for(&b, &format!("b{bi}"), off)?)?).await?
+                }
+            };
+            let t = Instant::now();
+            trainer.train().await?;
+            let wall = t.elapsed().as_secs_f64();
+            runs.push(ModeRun::new(b.backend.name(), off, wall, crate::metrics::read_jsonl(&trainer.run.metrics())?));
         }
-        let t = Instant::now();
-        trainer.train().await?;
-        let wall = t.elapsed().as_secs_f64();
-        runs.push(ModeRun::new(off, wall, crate::metrics::read_jsonl(&trainer.run.metrics())?));
+        for s in &servers {
+            s.kill().await;
+        }
     }
     print_modes(&runs);
     report.insert("wall_s".into(), serde_json::json!(runs[0].wall));
     report.insert("steps".into(), serde_json::Value::Array(runs[0].lines.clone()));
-    if let (Some(s), Some(o)) = (runs.iter().find(|r| r.off == 0), runs.iter().find(|r| r.off == 1)) {
+    let embedded = |off: u64| runs.iter().find(|r| r.backend == "embedded" && r.off == off);
+    if let (Some(s), Some(o)) = (embedded(0), embedded(1)) {
         report.insert("off_policy_vs_sync".into(), serde_json::to_value(OffVsSync::of(s, o))?);
     }
     report.insert("modes".into(), serde_json::Value::Array(runs.iter().map(|r| r.json()).collect()));
@@ -312,6 +395,7 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
 /// there are four steps or more. Medians, because a machine shared with other work stretches
 /// single steps.
 struct ModeRun {
+    backend: String,
     off: u64,
     wall: f64,
     lines: Vec<serde_json::Value>,
@@ -319,14 +403,19 @@ struct ModeRun {
 }
 
 impl ModeRun {
-    fn new(off: u64, wall: f64, lines: Vec<serde_json::Value>) -> Self {
+    fn new(backend: String, off: u64, wall: f64, lines: Vec<serde_json::Value>) -> Self {
         let n = lines.len() as u64;
         let steady = if n >= 4 { (2, n - 1) } else { (1, n) };
-        Self { off, wall, lines, steady }
+        Self { backend, off, wall, lines, steady }
     }
 
     fn name(&self) -> &'static str {
         if self.off == 0 { "synchronous" } else { "one-step-off" }
+    }
+
+    /// Share of the step spent waiting for rollouts (generation, then the judge's tail).
+    fn waiting_share(&self) -> f64 {
+        (self.steady_sum("t_generate") + self.steady_sum("t_judge_tail")) / self.steady_sum("t_step").max(1e-9)
     }
 
     fn steady_lines(&self) -> impl Iterator<Item = &serde_json::Value> {
@@ -360,6 +449,7 @@ impl ModeRun {
 
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
+            "backend": self.backend, "waiting_share": self.waiting_share(),
             "max_off_policy_steps": self.off, "wall_s": self.wall, "steady_steps": [self.steady.0, self.steady.1],
             "median_step_s": self.med("t_step"), "median_generate_s": self.med("t_generate"),
             "median_judge_tail_s": self.med("t_judge_tail"), "median_learn_s": self.med("t_learn"),
@@ -400,10 +490,11 @@ impl OffVsSync {
 fn print_modes(runs: &[ModeRun]) {
     let r0 = &runs[0];
     println!(
-        "steps: {} per run, medians over steps {}-{} (s)\n{:<14}{:>8}{:>8}{:>10}{:>12}{:>8}{:>9}{:>8}{:>8}{:>11}",
+        "steps: {} per run, medians over steps {}-{} (s)\n{:<12}{:<14}{:>8}{:>8}{:>10}{:>12}{:>8}{:>9}{:>8}{:>8}{:>9}{:>11}",
         r0.lines.len(),
         r0.steady.0,
         r0.steady.1,
+        "backend",
         "mode",
         "wall",
         "step",
@@ -413,11 +504,13 @@ fn print_modes(runs: &[ModeRun]) {
         "hidden",
         "sync",
         "ckpt",
+        "waiting",
         "overhead",
     );
     for r in runs {
         println!(
-            "{:<14}{:>8.2}{:>8.3}{:>10.3}{:>12.3}{:>8.3}{:>9.3}{:>8.3}{:>8.3}{:>10.2}%",
+            "{:<12}{:<14}{:>8.2}{:>8.3}{:>10.3}{:>12.3}{:>8.3}{:>9.3}{:>8.3}{:>8.3}{:>8.0}%{:>10.2}%",
+            r.backend,
             r.name(),
             r.wall,
             r.med("t_step"),
@@ -427,21 +520,40 @@ fn print_modes(runs: &[ModeRun]) {
             r.med("t_overlap"),
             r.med("t_sync"),
             r.med("t_checkpoint"),
+            100.0 * r.waiting_share(),
             100.0 * r.overhead_share(),
         );
     }
-    println!("overhead: share of step time outside engine, judge, learner, sync and checkpoint (goal <= 2%)");
-    if let (Some(s), Some(o)) = (runs.iter().find(|r| r.off == 0), runs.iter().find(|r| r.off == 1)) {
-        let c = OffVsSync::of(s, o);
-        println!(
-            "one-step-off vs synchronous: step time ratio {:.3} (run wall ratio {:.3}); learner time hidden {:.0}% \
-             (t_overlap / t_learn, goal >= 80% when generation dominates); synchronous learner time saved {:.0}% \
-             ((sync step - off step) / sync learn)",
-            c.step_ratio,
-            c.wall_ratio,
-            100.0 * c.hidden_share,
-            100.0 * c.saved_share,
-        );
+    println!(
+        "waiting: share of step time spent waiting for rollouts (generate + judge tail); \
+         overhead: share outside engine, judge, learner, sync and checkpoint (goal <= 2%)"
+    );
+    for backend in runs.iter().map(|r| r.backend.clone()).collect::<std::collections::BTreeSet<_>>() {
+        let of = |off: u64| runs.iter().find(|r| r.backend == backend && r.off == off);
+        if let (Some(s), Some(o)) = (of(0), of(1)) {
+            let c = OffVsSync::of(s, o);
+            println!(
+                "{backend}: one-step-off vs synchronous: step time ratio {:.3} (run wall ratio {:.3}); learner time hidden {:.0}% \
+                 (t_overlap / t_learn, goal >= 80% when generation dominates); synchronous learner time saved {:.0}% \
+                 ((sync step - off step) / sync learn)",
+                c.step_ratio,
+                c.wall_ratio,
+                100.0 * c.hidden_share,
+                100.0 * c.saved_share,
+            );
+        }
+    }
+    if let Some(e) = runs.iter().find(|r| r.backend == "embedded" && r.off == 0) {
+        for p in runs.iter().filter(|r| r.backend != "embedded" && r.off == 0) {
+            println!(
+                "{}: generation {:.3}s against the embedded engine's {:.3}s (synchronous medians) -> HTTP pool overhead {:+.1}% \
+                 of generation time (goal <= 10% at one server; every server shares this machine's cores)",
+                p.backend,
+                p.med("t_generate"),
+                e.med("t_generate"),
+                100.0 * (p.med("t_generate") / e.med("t_generate").max(1e-9) - 1.0),
+            );
+        }
     }
 }
 
