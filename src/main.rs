@@ -364,7 +364,24 @@ async fn dispatch(cmd: Command) -> Result<()> {
     }
 }
 
+/// libtorch's OpenMP workers busy-wait between parallel regions by default; on shared cores they
+/// starved the engine and the learner itself (README, "Batching on CPU"). libgomp reads
+/// `OMP_WAIT_POLICY` when it is loaded, before `main`, so the binary runs itself again with it
+/// set; a value the user set is kept.
+fn passive_openmp() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let err = std::process::Command::new(&exe).arg0(arg0).args(args).env("OMP_WAIT_POLICY", "PASSIVE").exec();
+    eprintln!("warning: could not run again with OMP_WAIT_POLICY=PASSIVE ({err}); continuing with OpenMP's default");
+}
+
 fn main() -> ExitCode {
+    passive_openmp();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -631,3 +631,34 @@ async fn serve_test_pool_subcommand_serves_until_killed() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("POOL_TEST_NO_SUCH_VAR"));
 }
+
+/// The binary runs with libgomp's passive wait policy unless the user chose one: it re-executes
+/// itself with `OMP_WAIT_POLICY=PASSIVE` (same process id, same arguments).
+#[test]
+fn the_binary_runs_with_a_passive_openmp_wait_policy_unless_one_is_set() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model(tmp.path());
+    for (set, want) in [(None, "PASSIVE"), (Some("ACTIVE"), "ACTIVE")] {
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(["serve-test-pool", "--dialect", "vllm", "--model", dir.to_str().unwrap(), "--name", NAME, "--serial"])
+            .env_remove("OMP_WAIT_POLICY")
+            .stdout(std::process::Stdio::piped());
+        if let Some(v) = set {
+            cmd.env("OMP_WAIT_POLICY", v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("listening on ") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the server exited before listening");
+        }
+        let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+        let vars: Vec<String> = environ.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).to_string()).collect();
+        let got: Vec<&String> = vars.iter().filter(|v| v.starts_with("OMP_WAIT_POLICY=")).collect();
+        assert_eq!(got, vec![&format!("OMP_WAIT_POLICY={want}")], "set {set:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
