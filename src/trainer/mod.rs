@@ -34,7 +34,7 @@ use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
 use crate::engine::remote::PoolShort;
 use crate::engine::{Backend, ChatMessage, Engine, MistralEngine, RemoteEngine, Role, Rollout, WeightFormat};
-use crate::judge::{Judge, JudgeHealth};
+use crate::judge::Judge;
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
 use crate::progress::Progress;
@@ -45,7 +45,7 @@ use offpolicy::Pending;
 use record::StepRecord;
 use crate::rundir::{LEARNER_DIR, POLICY_DIR};
 use state::TrainerState;
-use rollouts::{Judged, JudgeDown};
+use rollouts::Judged;
 use sync::Served;
 
 pub use prepare::{prepare, run_dir_for, Prepared, Resume, RunOptions};
@@ -432,41 +432,6 @@ impl Trainer {
         Ok(secs)
     }
 
-    /// Draws step `step`'s batch from the sampler, at the curriculum levels of now.
-    fn draw(&mut self, step: u64) -> Draw {
-        let epoch = self.sampler.cursor().epoch;
-        let before = self.sampler.clone();
-        let batch = self.sampler.next_batch(self.cfg.run.batch_prompts);
-        let levels = batch.iter().map(|&ti| self.curriculum.level(&self.tasks[ti].id).unwrap_or(0)).collect();
-        Draw { step, before, epoch, batch, levels, generated_by: self.served.step }
-    }
-
-    /// Generates and judges a drawn batch; None when a stop signal came first (nothing changed).
-    async fn generate_drawn(&self, d: &Draw) -> Result<Option<(Vec<Vec<Judged>>, f64, f64)>> {
-        let notify = self.stop_notify.clone();
-        tokio::select! {
-            r = self.generate_and_judge(d.step, &d.batch) => Ok(Some(r?)),
-            _ = notify.notified() => Ok(None),
-        }
-    }
-
-    /// An open judge breaker after a drawn batch's judging: waited out (the seconds it took) or
-    /// the step given up on. The caller puts the sampler back on an `Err`.
-    async fn settle(&self, d: &Draw, groups: &mut [Vec<Judged>]) -> Result<f64, StepEnd> {
-        if !matches!(self.judge.health(), JudgeHealth::Down { .. }) {
-            return Ok(0.0);
-        }
-        let t = Instant::now();
-        match self.handle_judge_down(d.step, &d.batch, groups).await {
-            JudgeDown::Recovered => Ok(t.elapsed().as_secs_f64()),
-            JudgeDown::GiveUp(reason) => {
-                self.bars.log(format!("step {}: {reason}; stopping (the step is dropped, nothing was trained on it)", d.step));
-                Err(StepEnd::JudgeDown(reason))
-            }
-            JudgeDown::Interrupted => Err(StepEnd::Interrupted),
-        }
-    }
-
     /// Exports the learner's weights as step `step`'s and has the engine serve them: (seconds, bytes).
     async fn sync_to_engine(&mut self, step: u64) -> Result<(f64, u64)> {
         let t = Instant::now();
@@ -670,33 +635,6 @@ impl Trainer {
             Some(reason) => StepEnd::JudgeDown(reason),
             None => StepEnd::Done,
         })
-    }
-}
-
-/// A step's batch as drawn, before its rollouts exist.
-struct Draw {
-    step: u64,
-    /// The sampler before the draw, put back if the step is dropped.
-    before: TaskSampler,
-    epoch: u64,
-    batch: Vec<usize>,
-    levels: Vec<usize>,
-    generated_by: u64,
-}
-
-impl Draw {
-    fn into_pending(self, tasks: &[Arc<Task>], groups: Vec<Vec<Judged>>, t_generate: f64, t_judge_tail: f64) -> Pending {
-        Pending {
-            step: self.step,
-            epoch: self.epoch,
-            task_ids: self.batch.iter().map(|&ti| tasks[ti].id.clone()).collect(),
-            batch: self.batch,
-            levels: self.levels,
-            generated_by: self.generated_by,
-            t_generate,
-            t_judge_tail,
-            groups,
-        }
     }
 }
 

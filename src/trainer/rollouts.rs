@@ -1,6 +1,6 @@
-//! The generating and judging phase of a step: every rollout of the batch is judged against its
-//! task's current reference as soon as it finishes, while later ones still generate; an open
-//! judge breaker is waited out (`on_judge_down = pause`) or given up on.
+//! The generating and judging phase of a step: its batch is drawn, every rollout of the batch is
+//! judged against its task's current reference as soon as it finishes, while later ones still
+//! generate; an open judge breaker is waited out (`on_judge_down = pause`) or given up on.
 
 /// Why a canceled rollout is unscored: it was never sent to the judge.
 const CANCELED: &str = "generation canceled by the engine (not judged, not trained on)";
@@ -33,7 +33,9 @@ use serde::{Deserialize, Serialize};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::{task_messages, Trainer};
+use super::offpolicy::Pending;
+use super::{task_messages, StepEnd, Trainer};
+use crate::data::{Task, TaskSampler};
 use crate::config::OnJudgeDown;
 use crate::engine::{FinishReason, GenRequest, Rollout, SeedKey};
 use crate::judge::JudgeHealth;
@@ -41,6 +43,41 @@ use crate::reward::{self, RewardInput, RewardOutcome};
 use crate::seed::splitmix64;
 
 impl Trainer {
+    /// Draws step `step`'s batch from the sampler, at the curriculum levels of now.
+    pub(super) fn draw(&mut self, step: u64) -> Draw {
+        let epoch = self.sampler.cursor().epoch;
+        let before = self.sampler.clone();
+        let batch = self.sampler.next_batch(self.cfg.run.batch_prompts);
+        let levels = batch.iter().map(|&ti| self.curriculum.level(&self.tasks[ti].id).unwrap_or(0)).collect();
+        Draw { step, before, epoch, batch, levels, generated_by: self.served.step }
+    }
+
+    /// Generates and judges a drawn batch; None when a stop signal came first (nothing changed).
+    pub(super) async fn generate_drawn(&self, d: &Draw) -> Result<Option<(Vec<Vec<Judged>>, f64, f64)>> {
+        let notify = self.stop_notify.clone();
+        tokio::select! {
+            r = self.generate_and_judge(d.step, &d.batch) => Ok(Some(r?)),
+            _ = notify.notified() => Ok(None),
+        }
+    }
+
+    /// An open judge breaker after a drawn batch's judging: waited out (the seconds it took) or
+    /// the step given up on. The caller puts the sampler back on an `Err`.
+    pub(super) async fn settle(&self, d: &Draw, groups: &mut [Vec<Judged>]) -> Result<f64, StepEnd> {
+        if !matches!(self.judge.health(), JudgeHealth::Down { .. }) {
+            return Ok(0.0);
+        }
+        let t = Instant::now();
+        match self.handle_judge_down(d.step, &d.batch, groups).await {
+            JudgeDown::Recovered => Ok(t.elapsed().as_secs_f64()),
+            JudgeDown::GiveUp(reason) => {
+                self.bars.log(format!("step {}: {reason}; stopping (the step is dropped, nothing was trained on it)", d.step));
+                Err(StepEnd::JudgeDown(reason))
+            }
+            JudgeDown::Interrupted => Err(StepEnd::Interrupted),
+        }
+    }
+
     /// Generates the step's rollouts and judges each as soon as it is finished.
     pub(super) async fn generate_and_judge(&self, step: u64, batch: &[usize]) -> Result<(Vec<Vec<Judged>>, f64, f64)> {
         let n = self.cfg.run.n_samples;
@@ -184,6 +221,33 @@ impl Trainer {
             }
             self.rejudge(step, batch, groups).await;
             asked_again = true;
+        }
+    }
+}
+
+/// A step's batch as drawn, before its rollouts exist.
+pub(super) struct Draw {
+    pub(super) step: u64,
+    /// The sampler before the draw, put back if the step is dropped.
+    pub(super) before: TaskSampler,
+    pub(super) epoch: u64,
+    pub(super) batch: Vec<usize>,
+    pub(super) levels: Vec<usize>,
+    pub(super) generated_by: u64,
+}
+
+impl Draw {
+    pub(super) fn into_pending(self, tasks: &[Arc<Task>], groups: Vec<Vec<Judged>>, t_generate: f64, t_judge_tail: f64) -> Pending {
+        Pending {
+            step: self.step,
+            epoch: self.epoch,
+            task_ids: self.batch.iter().map(|&ti| tasks[ti].id.clone()).collect(),
+            batch: self.batch,
+            levels: self.levels,
+            generated_by: self.generated_by,
+            t_generate,
+            t_judge_tail,
+            groups,
         }
     }
 }
