@@ -1,6 +1,7 @@
 //! [`Engine`] on an embedded mistral.rs 0.8.1 model.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -28,6 +29,8 @@ pub struct MistralEngine {
     /// Bounds requests in flight (see [`request_concurrency`]).
     inflight: Semaphore,
     format: ModelFormat,
+    /// Positions drawn by this engine's samplers so far (see [`MistralEngine::tokens_drawn`]).
+    drawn: Arc<AtomicU64>,
 }
 
 fn model_dtype(d: DType) -> ModelDType {
@@ -171,6 +174,7 @@ impl MistralEngine {
             serving: RwLock::new(()),
             inflight: Semaphore::new(concurrency),
             format,
+            drawn: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -263,7 +267,7 @@ impl MistralEngine {
     ) -> Result<Rollout> {
         anyhow::ensure!(!prompt_ids.is_empty(), "empty prompt");
         let _serving = self.serving.read().await;
-        let sampler = Arc::new(RecordingSampler::new(TokenSampling::from(sampling), sample_seed));
+        let sampler = Arc::new(RecordingSampler::new(TokenSampling::from(sampling), sample_seed).counting(self.drawn.clone()));
         let (finish, emitted) = self.send_tokens(prompt_ids.to_vec(), sampling, sampler.clone()).await?;
         let mut r = self.rollout(0, 0, &sampler, &finish, emitted, sampling).await?;
         // The sampler sees the context from the first decode on; a prompt of ids is that context.
@@ -305,6 +309,13 @@ impl MistralEngine {
             }
         }
         Ok(Rollout { request: ri, sample: si, prompt_ids, ids, logprobs, finish_reason: finish, text })
+    }
+
+    /// Tokens drawn so far by every request this engine has served, counted as they are drawn
+    /// (one per new position of a sequence; mistral.rs can draw one past a sequence's end):
+    /// progress of a generation still running.
+    pub fn tokens_drawn(&self) -> u64 {
+        self.drawn.load(Ordering::Relaxed)
     }
 
     /// Ends every running sequence at its next decode step; they come back with
@@ -406,7 +417,7 @@ impl Engine for MistralEngine {
         let mut inflight = FuturesUnordered::new();
         for (ri, req) in requests.iter().enumerate() {
             for si in 0..req.n {
-                let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)));
+                let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)).counting(self.drawn.clone()));
                 let builder = Self::request(&req.messages, sampling, sampler.clone());
                 inflight.push(async move {
                     let resp = self.send(builder).await;

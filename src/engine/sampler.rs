@@ -7,7 +7,8 @@
 //! then emits exactly that id.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use mistralrs::{CustomLogitsProcessor, Tensor};
 use rand::{Rng, SeedableRng};
@@ -198,6 +199,8 @@ pub struct RecordingSampler {
     params: TokenSampling,
     seed: u64,
     record: Mutex<Record>,
+    /// Shared count of positions drawn (see [`RecordingSampler::counting`]).
+    drawn: Option<Arc<AtomicU64>>,
 }
 
 impl RecordingSampler {
@@ -206,7 +209,15 @@ impl RecordingSampler {
             params,
             seed: sample_seed,
             record: Mutex::new(Record::default()),
+            drawn: None,
         }
+    }
+
+    /// Adds one to `drawn` for every new position drawn (a position drawn again is not
+    /// counted twice), so a caller can watch generation progress while it runs.
+    pub fn counting(mut self, drawn: Arc<AtomicU64>) -> Self {
+        self.drawn = Some(drawn);
+        self
     }
 
     /// (prompt ids, sampled ids, ln-probs) recorded so far.
@@ -231,8 +242,11 @@ impl CustomLogitsProcessor for RecordingSampler {
             let mut rec = self.record.lock().unwrap();
             let prompt_len = rec.prompt.get_or_insert_with(|| context.to_vec()).len();
             let gen_pos = position.checked_sub(prompt_len).unwrap_or(0);
-            rec.tokens.split_off(&gen_pos);
+            let redrawn = !rec.tokens.split_off(&gen_pos).is_empty();
             rec.tokens.insert(gen_pos, (id, lp));
+            if let (Some(drawn), false) = (&self.drawn, redrawn) {
+                drawn.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let mut mask = vec![f32::NEG_INFINITY; values.len()];
         mask[id as usize] = 0.0;
