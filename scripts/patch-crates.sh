@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Makes .patched-crates/mistralrs-core-0.8.1 (git-ignored), the crate Cargo.toml's
 # [patch.crates-io] points at: the crates.io source of mistralrs-core 0.8.1, checked against its
-# published sha256, with our own patches/mistralrs-core-0.8.1-cpu-decode.patch applied (README,
-# "Patched mistral.rs"). Idempotent: a marker records the checksums it was made from, and
-# nothing is touched while they match (so cargo sees no change and rebuilds nothing).
+# published sha256, with every one of our patches/mistralrs-core-0.8.1-*.patch applied in sorted
+# order (README, "Patched mistral.rs"). Idempotent: a marker records the checksums it was made
+# from (the crate's and each patch's), and nothing is touched while they match (so cargo sees no
+# change and rebuilds nothing).
 #
 # It must run before any cargo command in this clone: with the directory missing, cargo cannot
 # load our manifest at all. So the pristine .crate is fetched, when cargo's cache lacks it, by a
@@ -15,10 +16,18 @@ name=mistralrs-core
 version=0.8.1
 # sha256 of mistralrs-core-0.8.1.crate as published on crates.io (its Cargo.lock checksum).
 crate_sha=a2b8b9e5c94491d9ceeded3a30291cb6af6ae74810a5776dd55e3bbb8b3429d4
-patch="$ORCH_ROOT/patches/$name-$version-cpu-decode.patch"
 dest="$ORCH_ROOT/.patched-crates/$name-$version"
 marker="$dest/.orchestrator-patch"
-want="crate $crate_sha patch $(sha256sum "$patch" | cut -d' ' -f1)"
+# Sorted by the C locale, so the order does not depend on the user's.
+mapfile -t patches < <(LC_ALL=C ls -1 "$ORCH_ROOT"/patches/"$name-$version"-*.patch 2>/dev/null | LC_ALL=C sort)
+if [ "${#patches[@]}" -eq 0 ]; then
+  echo "patch-crates: no patches/$name-$version-*.patch" >&2
+  exit 1
+fi
+want="crate $crate_sha"
+for patch in "${patches[@]}"; do
+  want+=" patch $(basename "$patch") $(sha256sum "$patch" | cut -d' ' -f1)"
+done
 
 if [ -f "$marker" ] && [ "$(cat "$marker")" = "$want" ]; then
   exit 0
@@ -62,13 +71,15 @@ EOF
   }
 fi
 
-echo "patch-crates: $name $version + $(basename "$patch") -> $dest"
+echo "patch-crates: $name $version + $(for p in "${patches[@]}"; do basename "$p"; done | paste -sd' ') -> $dest"
 mkdir -p "$tmp/src"
 tar -xzf "$crate" -C "$tmp/src"
-# A repository of its own, so git applies the patch relative to the crate (not to our clone).
+# A repository of its own, so git applies the patches relative to the crate (not to our clone).
 git -C "$tmp/src/$name-$version" init --quiet
-git -C "$tmp/src/$name-$version" apply --check "$patch"
-git -C "$tmp/src/$name-$version" apply "$patch"
+for patch in "${patches[@]}"; do
+  git -C "$tmp/src/$name-$version" apply --check "$patch"
+  git -C "$tmp/src/$name-$version" apply "$patch"
+done
 rm -rf "$tmp/src/$name-$version/.git"
 echo "$want" > "$tmp/src/$name-$version/.orchestrator-patch"
 mkdir -p "$(dirname "$dest")"

@@ -146,6 +146,28 @@ fn non_finite_and_endless_values_are_rejected_with_their_keys() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
 
+/// A temperature in (0, 1e-5) makes 1/T overflow the logits to infinity (NaN log-probs): an error
+/// naming the key, from the file or the environment; 0 (greedy) and 1e-5 are fine.
+#[test]
+fn tiny_nonzero_temperatures_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = "[model]\npath = \"m\"\n";
+    for t in ["1e-6", "5e-324", "9.99e-6"] {
+        let p = write(tmp.path(), "t.toml", &format!("{base}[engine.sampling]\ntemperature = {t}\n"));
+        let e = load_err(&p, &[]);
+        assert!(e.contains("engine.sampling.temperature: must be 0 (greedy) or >= 1e-5"), "T={t}: {e}");
+    }
+    let p = write(tmp.path(), "ok.toml", base);
+    let e = load_err(&p, &[("ORCHESTRATOR__ENGINE__SAMPLING__TEMPERATURE", "1e-7")]);
+    assert!(e.contains("engine.sampling.temperature: must be 0 (greedy) or >= 1e-5"), "{e}");
+    for t in ["0", "1e-5", "0.7"] {
+        let p = write(tmp.path(), "t.toml", &format!("{base}[engine.sampling]\ntemperature = {t}\n"));
+        if let Err(e) = Config::load_with_env(&p, Vec::<(String, String)>::new()) {
+            assert!(!format!("{e:#}").contains("temperature"), "T={t}: {e:#}");
+        }
+    }
+}
+
 /// `cargo build` and `cargo test` must resolve every shared crate with the same features, or one
 /// rebuilds mistral.rs after the other (the feature pins in Cargo.toml).
 #[test]

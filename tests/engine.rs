@@ -237,16 +237,16 @@ async fn prompt_ids_give_the_chat_paths_rollouts() {
     let dir = common::tiny_model(tmp.path(), &TinySpec::llama(6));
     let engine = engine_with(&dir, &engine_cfg(8, true)).await;
     let nucleus = SamplingConfig { temperature: 0.8, top_p: 0.9, top_k: 40, max_new_tokens: 24, stop: vec![] };
-    // A stop string from the first prompt's greedy text. Greedy only: mistral.rs 0.8.1 panics
-    // on a stop string after invalid UTF-8 in the completion, which random sampling on the
-    // tiny model produces.
+    // A stop string from the first prompt's greedy text, and stop strings with random sampling
+    // that meet invalid UTF-8 first (see `stop_string_after_invalid_utf8_is_no_panic`).
     let greedy = engine.generate(&requests(&PROMPTS[..1], 1, 0), &sampling(0.0, 40)).await.unwrap();
     let chars: Vec<char> = greedy[0][0].text.chars().collect();
     assert!(chars.len() > 12, "greedy text too short for the test: {:?}", greedy[0][0].text);
     let stopped = SamplingConfig { stop: vec![chars[8..11].iter().collect()], ..sampling(0.0, 40) };
     let mut tokens = 0;
     let mut finishes = std::collections::BTreeSet::new();
-    for (s, prompts) in [(sampling(0.0, 20), 4), (sampling(1.0, 24), 4), (nucleus, 4), (stopped, 1)] {
+    let sampled_stop = SamplingConfig { stop: ["th", "in", "er"].map(String::from).to_vec(), ..sampling(1.0, 48) };
+    for (s, prompts) in [(sampling(0.0, 20), 4), (sampling(1.0, 24), 4), (nucleus, 4), (stopped, 1), (sampled_stop, 4)] {
         let reqs = requests(&PROMPTS[..prompts], 2, 31);
         let chat = engine.generate(&reqs, &s).await.unwrap();
         for (req, group) in reqs.iter().zip(&chat) {
@@ -617,30 +617,46 @@ fn canceled_generations_are_marked_canceled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run alone in its own process by canceled_generations_are_marked_canceled"]
 async fn cancel_probe() {
+    const MAX: usize = 1200;
+    const CANCEL_AT: u64 = 100;
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model(tmp.path(), &TinySpec::llama(31));
     let engine = std::sync::Arc::new(engine_for(&dir).await);
-    // Long enough that the cancel lands mid-sequence; the tiny model rarely samples EOS.
-    let reqs = requests(&PROMPTS[..1], 1, 3);
-    let long = SamplingConfig { stop: vec![], ..sampling(1.0, 4000) };
-    // Warm up first, so the timed run is what the canceled one will be.
-    engine.generate(&reqs, &long).await.unwrap();
-    let t0 = std::time::Instant::now();
-    let full = engine.generate(&reqs, &long).await.unwrap();
-    let t_full = t0.elapsed();
+    // A sample that runs to MAX without drawing EOS (the first run seed that gives one; the tiny
+    // model rarely samples EOS), so a cancel sent once CANCEL_AT tokens are drawn leaves over a
+    // thousand decode steps for it to land in, however loaded the machine.
+    let long = SamplingConfig { stop: vec![], ..sampling(1.0, MAX) };
+    let mut found = None;
+    for run_seed in 0..40 {
+        let reqs = requests(&PROMPTS[..1], 1, run_seed);
+        let before = engine.tokens_drawn();
+        let full = engine.generate(&reqs, &long).await.unwrap();
+        // The engine counts each drawn position once (mistral.rs may draw one past the end).
+        let drawn = engine.tokens_drawn() - before;
+        let len = full[0][0].ids.len() as u64;
+        assert!(drawn == len || drawn == len + 1, "{drawn} drawn for {len} tokens");
+        if full[0][0].finish_reason == FinishReason::Length {
+            found = Some((run_seed, reqs, full));
+            break;
+        }
+    }
+    let (run_seed, reqs, full) = found.expect("no run seed in 0..40 gives a sample without EOS");
     let full_len = full[0][0].ids.len();
-    assert!(full_len > 50, "the uncanceled sample is too short to cancel: {full_len}");
+    assert_eq!(full_len, MAX);
     let e = engine.clone();
     let (reqs2, long2) = (reqs.clone(), long.clone());
+    let start = engine.tokens_drawn();
     let gen = tokio::spawn(async move { e.generate(&reqs2, &long2).await });
-    // Cancel a third of the way through (the uncanceled run's time), whatever the machine's speed.
-    tokio::time::sleep(t_full / 3).await;
+    // Cancel once the engine has drawn CANCEL_AT tokens of it (watched, not timed).
+    while engine.tokens_drawn() - start < CANCEL_AT && !gen.is_finished() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     engine.cancel_running().await.unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(60), gen).await.expect("canceled generation returns").unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(120), gen).await.expect("canceled generation returns").unwrap().unwrap();
     let r = &out[0][0];
-    println!("full {full_len} tokens; canceled after {} tokens as {:?}", r.ids.len(), r.finish_reason);
+    println!("run seed {run_seed}: full {full_len} tokens; canceled after {} tokens as {:?}", r.ids.len(), r.finish_reason);
     assert_eq!(r.finish_reason, FinishReason::Canceled, "a canceled sequence must not look finished");
-    assert!(r.ids.len() < full_len);
+    assert!(r.ids.len() >= CANCEL_AT as usize && r.ids.len() < full_len, "{} tokens", r.ids.len());
     assert_eq!(r.ids[..], full[0][0].ids[..r.ids.len()], "same stream up to the cancel");
     // The engine serves normally afterwards.
     let again = engine.generate(&reqs, &long).await.unwrap();
@@ -708,4 +724,53 @@ async fn suppressed_eos_gives_full_length_rollouts() {
         assert_eq!((r.ids.len(), r.finish_reason), (96, FinishReason::Length));
         assert!(r.ids.iter().all(|id| !eos.contains(id)), "an eos id was drawn: {:?}", r.ids);
     }
+}
+
+/// mistral.rs 0.8.1 cut a stop-string match out of the lossy decode of the completion at the
+/// match's offset in the raw bytes; with invalid UTF-8 before it, that offset fell inside a U+FFFD
+/// and the engine thread panicked, failing every later request (README, "Patched mistral.rs").
+/// These seeds and stop strings did that on unpatched 0.8.1 (found by search: the first batch).
+/// Serial, so each sequence is computed alone and the draws are the same on every machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_string_after_invalid_utf8_is_no_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(tmp.path(), &TinySpec::llama(6));
+    let engine = engine_with(&dir, &engine_cfg(8, true)).await;
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    // The tiny model's stop tokens (generation_config.json's eos_token_id).
+    let stop_ids = [orchestrator::testkit::tiny::EOS, orchestrator::testkit::tiny::PAD].map(|t| tok.token_to_id(t).unwrap());
+    let stops: Vec<String> = ["th", "in", "er"].map(String::from).to_vec();
+    let s = SamplingConfig { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 48, stop: stops.clone() };
+    let reqs = requests(PROMPTS, 2, 0);
+    let out = tokio::time::timeout(Duration::from_secs(120), engine.generate(&reqs, &s))
+        .await
+        .expect("the engine answers")
+        .expect("every request returns its rollouts");
+    assert_eq!(out.len(), PROMPTS.len());
+    let (mut after_invalid, mut by_string) = (0, 0);
+    for r in out.iter().flatten() {
+        let full = engine.detokenize(&r.ids, true).await.unwrap();
+        match r.finish_reason {
+            FinishReason::Stop if stop_ids.contains(r.ids.last().unwrap()) => assert_eq!(r.text, full),
+            FinishReason::Stop => {
+                // The text is the ids' decode cut right before its first stop string.
+                assert!(stops.iter().all(|t| !r.text.contains(t.as_str())), "{r:?}");
+                let rest = &full[r.text.len()..];
+                assert!(full.starts_with(&r.text) && stops.iter().any(|t| rest.starts_with(t.as_str())), "{full:?} {r:?}");
+                after_invalid += r.text.contains('\u{FFFD}') as usize;
+                by_string += 1;
+            }
+            FinishReason::Length => {
+                assert_eq!(r.ids.len(), s.max_new_tokens);
+                assert_eq!(r.text, full);
+            }
+            ref f => panic!("unexpected finish {f:?}: {r:?}"),
+        }
+    }
+    // What made 0.8.1 panic: invalid UTF-8 before the stop string.
+    assert!(after_invalid >= 1, "no stop after invalid UTF-8: the test no longer covers the bug");
+    println!("{by_string}/{} rollouts ended by a stop string, {after_invalid} of them after invalid UTF-8", out.iter().flatten().count());
+    // The engine still serves.
+    let again = engine.generate(&requests(&PROMPTS[..1], 1, 1), &sampling(0.0, 8)).await.expect("the engine serves afterwards");
+    assert_eq!(again[0][0].ids.len(), 8);
 }

@@ -164,9 +164,9 @@ async fn replies_carry_the_embedded_engines_ids_and_logprobs() {
     let engine = embedded(&dir).await;
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let eos = tok.token_to_id(orchestrator::testkit::tiny::EOS).unwrap();
-    // A stop string from the first prompt's greedy text, greedy and on that prompt only:
-    // mistral.rs 0.8.1 panics on a stop string after invalid UTF-8 in the completion, which
-    // random sampling on the tiny model produces.
+    // A stop string from the first prompt's greedy text, greedy and on that prompt only, so it
+    // is sure to match (stops after invalid UTF-8 under random sampling, which panicked
+    // unpatched 0.8.1, are tests/engine.rs `stop_string_after_invalid_utf8_is_no_panic`).
     let greedy = engine.generate(&requests(1, 0)[..1], &SamplingConfig::greedy(40)).await.unwrap();
     let chars: Vec<char> = greedy[0][0].text.chars().collect();
     let stop: String = chars[8..11].iter().collect();

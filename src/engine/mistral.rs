@@ -1,6 +1,7 @@
 //! [`Engine`] on an embedded mistral.rs 0.8.1 model.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +31,8 @@ pub struct MistralEngine {
     format: ModelFormat,
     /// Token ids our sampler never draws (benchmarks: `bench engine --ignore-eos`).
     suppressed: Vec<u32>,
+    /// Positions drawn by this engine's samplers so far (see [`MistralEngine::tokens_drawn`]).
+    drawn: Arc<AtomicU64>,
 }
 
 fn model_dtype(d: DType) -> ModelDType {
@@ -174,6 +177,7 @@ impl MistralEngine {
             inflight: Semaphore::new(concurrency),
             format,
             suppressed: Vec::new(),
+            drawn: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -273,7 +277,7 @@ impl MistralEngine {
     ) -> Result<Rollout> {
         anyhow::ensure!(!prompt_ids.is_empty(), "empty prompt");
         let _serving = self.serving.read().await;
-        let sampler = Arc::new(RecordingSampler::new(TokenSampling::from(sampling), sample_seed));
+        let sampler = Arc::new(RecordingSampler::new(TokenSampling::from(sampling), sample_seed).suppressing(&self.suppressed).counting(self.drawn.clone()));
         let (finish, emitted) = self.send_tokens(prompt_ids.to_vec(), sampling, sampler.clone()).await?;
         let mut r = self.rollout(0, 0, &sampler, &finish, emitted, sampling).await?;
         // The sampler sees the context from the first decode on; a prompt of ids is that context.
@@ -315,6 +319,13 @@ impl MistralEngine {
             }
         }
         Ok(Rollout { request: ri, sample: si, prompt_ids, ids, logprobs, finish_reason: finish, text })
+    }
+
+    /// Tokens drawn so far by every request this engine has served, counted as they are drawn
+    /// (one per new position of a sequence; mistral.rs can draw one past a sequence's end):
+    /// progress of a generation still running.
+    pub fn tokens_drawn(&self) -> u64 {
+        self.drawn.load(Ordering::Relaxed)
     }
 
     /// Ends every running sequence at its next decode step; they come back with
@@ -416,7 +427,7 @@ impl Engine for MistralEngine {
         let mut inflight = FuturesUnordered::new();
         for (ri, req) in requests.iter().enumerate() {
             for si in 0..req.n {
-                let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)).suppressing(&self.suppressed));
+                let sampler = Arc::new(RecordingSampler::new(params, req.seed.sample_seed(si as u64)).suppressing(&self.suppressed).counting(self.drawn.clone()));
                 let builder = Self::request(&req.messages, sampling, sampler.clone());
                 inflight.push(async move {
                     let resp = self.send(builder).await;

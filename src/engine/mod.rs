@@ -79,6 +79,9 @@ impl EngineConfig {
     }
 }
 
+/// The smallest non-zero sampling temperature (see [`SamplingConfig::validate`]).
+pub const MIN_TEMPERATURE: f64 = 1e-5;
+
 /// Sampling settings for rollouts. `temperature = 0` is greedy decoding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -115,7 +118,12 @@ impl SamplingConfig {
     }
 
     pub fn validate(&self, key: &str, p: &mut Problems) {
-        p.at_least(&format!("{key}.temperature"), self.temperature, 0.0);
+        let t = format!("{key}.temperature");
+        // Below 1e-5, 1/T overflows f32 logits to infinity and the log-probs turn NaN.
+        p.at_least(&t, self.temperature, 0.0);
+        if self.temperature > 0.0 && self.temperature < MIN_TEMPERATURE {
+            p.push(&t, format!("must be 0 (greedy) or >= 1e-5, got {}", self.temperature));
+        }
         p.open_closed(&format!("{key}.top_p"), self.top_p, 0.0, 1.0);
         if self.max_new_tokens == 0 {
             p.push(&format!("{key}.max_new_tokens"), "must be >= 1, got 0");

@@ -7,7 +7,8 @@
 //! then emits exactly that id.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use mistralrs::{CustomLogitsProcessor, Tensor};
 use rand::{Rng, SeedableRng};
@@ -200,6 +201,8 @@ pub struct RecordingSampler {
     /// Ids set to -inf before the draw (see `MistralEngine::suppress_tokens`).
     suppressed: Vec<u32>,
     record: Mutex<Record>,
+    /// Shared count of positions drawn (see [`RecordingSampler::counting`]).
+    drawn: Option<Arc<AtomicU64>>,
 }
 
 impl RecordingSampler {
@@ -209,12 +212,20 @@ impl RecordingSampler {
             seed: sample_seed,
             suppressed: Vec::new(),
             record: Mutex::new(Record::default()),
+            drawn: None,
         }
     }
 
     /// Never draws these ids (their logits become -inf, so ln p is of what remains).
     pub fn suppressing(mut self, ids: &[u32]) -> Self {
         self.suppressed = ids.to_vec();
+        self
+    }
+
+    /// Adds one to `drawn` for every new position drawn (a position drawn again is not
+    /// counted twice), so a caller can watch generation progress while it runs.
+    pub fn counting(mut self, drawn: Arc<AtomicU64>) -> Self {
+        self.drawn = Some(drawn);
         self
     }
 
@@ -245,8 +256,11 @@ impl CustomLogitsProcessor for RecordingSampler {
             let mut rec = self.record.lock().unwrap();
             let prompt_len = rec.prompt.get_or_insert_with(|| context.to_vec()).len();
             let gen_pos = position.checked_sub(prompt_len).unwrap_or(0);
-            rec.tokens.split_off(&gen_pos);
+            let redrawn = !rec.tokens.split_off(&gen_pos).is_empty();
             rec.tokens.insert(gen_pos, (id, lp));
+            if let (Some(drawn), false) = (&self.drawn, redrawn) {
+                drawn.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let mut mask = vec![f32::NEG_INFINITY; values.len()];
         mask[id as usize] = 0.0;
