@@ -13,16 +13,7 @@ use orchestrator::engine::{
 };
 use orchestrator::testkit::tiny::{Arch, TinySpec};
 
-const PROMPTS: &[&str] = &[
-    "Write a short story about a lighthouse.",
-    "Describe the morning market.",
-    "Dear hiring manager, I am writing to apply.",
-    "Summarise the main points of the report.",
-    "Poetry asks the reader to slow down.",
-    "The committee will meet on Thursday.",
-    "She opened the letter slowly.",
-    "In conclusion, the evidence shows",
-];
+const PROMPTS: &[&str] = common::PROMPTS;
 
 async fn engine_for(dir: &std::path::Path) -> MistralEngine {
     let model = ModelConfig {

@@ -17,14 +17,7 @@ use orchestrator::testkit::pool::{Dialect, PoolServer, PoolServerOptions};
 use orchestrator::testkit::tiny::TinySpec;
 
 const SERVED: &str = "tiny-base";
-const PROMPTS: &[&str] = &[
-    "Write a short story about a lighthouse.",
-    "Describe the morning market.",
-    "Dear hiring manager, I am writing to apply.",
-    "Summarise the main points of the report.",
-    "Poetry asks the reader to slow down.",
-    "The committee will meet on Thursday.",
-];
+const PROMPTS: &[&str] = common::PROMPTS.split_at(6).0;
 
 fn requests(n_prompts: usize, n: usize, seed: u64) -> Vec<GenRequest> {
     PROMPTS[..n_prompts]

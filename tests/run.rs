@@ -122,6 +122,19 @@ fn samples(run_dir: &Path, step: u64) -> Vec<Value> {
     read_jsonl(&run_dir.join(format!("samples/step-{step:06}.jsonl"))).unwrap()
 }
 
+/// A step's samples without the judge calls' latencies (the one thing a rerun cannot repeat).
+fn samples_timeless(run_dir: &Path, step: u64) -> Vec<Value> {
+    samples(run_dir, step)
+        .into_iter()
+        .map(|mut x| {
+            for c in x["calls"].as_array_mut().unwrap() {
+                c.as_object_mut().unwrap().remove("latency_ms");
+            }
+            x
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn it_learns_what_the_judge_rewards_and_the_ladders_move() {
     let s = Setup::new(8);
@@ -331,17 +344,7 @@ async fn kill_9_at_random_moments_then_resume_bit_exact() {
         }
     }
     for st in 1..=16 {
-        let strip = |v: Vec<Value>| -> Vec<Value> {
-            v.into_iter()
-                .map(|mut x| {
-                    for c in x["calls"].as_array_mut().unwrap() {
-                        c.as_object_mut().unwrap().remove("latency_ms");
-                    }
-                    x
-                })
-                .collect()
-        };
-        assert_eq!(strip(samples(&straight, st)), strip(samples(&crashed, st)), "samples of step {st}");
+        assert_eq!(samples_timeless(&straight, st), samples_timeless(&crashed, st), "samples of step {st}");
     }
 }
 
@@ -851,17 +854,7 @@ async fn one_step_off_kill_9_and_sigint_then_resume_bit_exact() {
     assert_eq!(x["curriculum"], y["curriculum"]);
     assert_eq!(x["sampler"], y["sampler"]);
     for st in 1..=steps {
-        let strip = |v: Vec<Value>| -> Vec<Value> {
-            v.into_iter()
-                .map(|mut x| {
-                    for c in x["calls"].as_array_mut().unwrap() {
-                        c.as_object_mut().unwrap().remove("latency_ms");
-                    }
-                    x
-                })
-                .collect()
-        };
-        assert_eq!(strip(samples(&straight, st)), strip(samples(&crashed, st)), "samples of step {st}");
+        assert_eq!(samples_timeless(&straight, st), samples_timeless(&crashed, st), "samples of step {st}");
     }
 }
 

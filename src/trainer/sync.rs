@@ -54,41 +54,17 @@ pub fn export(learner: &Learner, root: &Path, step: u64) -> Result<(PathBuf, Exp
     export_to(learner, root, &format!("step-{step:06}"))
 }
 
-/// Writes the learner's current weights as the HF directory `<root>/<name>`.
-pub fn export_to(learner: &Learner, root: &Path, name: &str) -> Result<(PathBuf, Exported)> {
+/// Builds `<root>/<name>` in a staging directory with `write` (which adds the bytes it wrote
+/// beyond the staging directory's own files), then renames it into place.
+fn staged(root: &Path, name: &str, write: impl FnOnce(&Path, &mut Exported) -> Result<()>) -> Result<(PathBuf, Exported)> {
     let t0 = Instant::now();
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let staging = root.join(format!(".staging-{name}"));
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    learner.export_config(&staging)?;
     let mut out = Exported::default();
-    for e in std::fs::read_dir(&staging)? {
-        out.bytes += file_bytes(&e?.path());
-    }
-    let split = learner.weight_split();
-    if split.frozen.is_empty() {
-        let p = staging.join(SINGLE);
-        write_sources(&p, split.changed, None, false)?;
-        out.bytes += file_bytes(&p);
-    } else {
-        let fp = root.join(FROZEN);
-        let kp = root.join(FROZEN_KEY);
-        let key = learner.frozen_key()?;
-        if !(fp.is_file() && std::fs::read_to_string(&kp).is_ok_and(|k| k == key)) {
-            // Kept across restarts, so written durably, and its key only after it.
-            let _ = std::fs::remove_file(&kp);
-            write_sources(&fp, split.frozen, None, true)?;
-            crate::fsutil::atomic_write(&kp, key.as_bytes())?;
-            out.frozen_bytes = file_bytes(&fp);
-        }
-        std::fs::hard_link(&fp, staging.join(SHARD_FROZEN))
-            .with_context(|| format!("linking {} into {}", fp.display(), staging.display()))?;
-        let p = staging.join(SHARD_TRAINED);
-        write_sources(&p, split.changed, None, false)?;
-        out.bytes += file_bytes(&p);
-    }
+    write(&staging, &mut out)?;
     let fin = root.join(name);
     if fin.exists() {
         std::fs::remove_dir_all(&fin)?;
@@ -98,25 +74,52 @@ pub fn export_to(learner: &Learner, root: &Path, name: &str) -> Result<(PathBuf,
     Ok((fin, out))
 }
 
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        n += file_bytes(&e?.path());
+    }
+    Ok(n)
+}
+
+/// Writes the learner's current weights as the HF directory `<root>/<name>`.
+pub fn export_to(learner: &Learner, root: &Path, name: &str) -> Result<(PathBuf, Exported)> {
+    staged(root, name, |staging, out| {
+        learner.export_config(staging)?;
+        out.bytes += dir_bytes(staging)?;
+        let split = learner.weight_split();
+        if split.frozen.is_empty() {
+            let p = staging.join(SINGLE);
+            write_sources(&p, split.changed, None, false)?;
+            out.bytes += file_bytes(&p);
+        } else {
+            let fp = root.join(FROZEN);
+            let kp = root.join(FROZEN_KEY);
+            let key = learner.frozen_key()?;
+            if !(fp.is_file() && std::fs::read_to_string(&kp).is_ok_and(|k| k == key)) {
+                // Kept across restarts, so written durably, and its key only after it.
+                let _ = std::fs::remove_file(&kp);
+                write_sources(&fp, split.frozen, None, true)?;
+                crate::fsutil::atomic_write(&kp, key.as_bytes())?;
+                out.frozen_bytes = file_bytes(&fp);
+            }
+            std::fs::hard_link(&fp, staging.join(SHARD_FROZEN))
+                .with_context(|| format!("linking {} into {}", fp.display(), staging.display()))?;
+            let p = staging.join(SHARD_TRAINED);
+            write_sources(&p, split.changed, None, false)?;
+            out.bytes += file_bytes(&p);
+        }
+        Ok(())
+    })
+}
+
 /// Writes the learner's LoRA adapter in PEFT layout as `<root>/<name>`.
 pub fn export_adapter(learner: &Learner, root: &Path, name: &str) -> Result<(PathBuf, Exported)> {
-    let t0 = Instant::now();
-    let staging = root.join(format!(".staging-{name}"));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    learner.export_adapter(&staging)?;
-    let mut out = Exported::default();
-    for e in std::fs::read_dir(&staging)? {
-        out.bytes += file_bytes(&e?.path());
-    }
-    let fin = root.join(name);
-    if fin.exists() {
-        std::fs::remove_dir_all(&fin)?;
-    }
-    std::fs::rename(&staging, &fin).with_context(|| format!("renaming {} to {}", staging.display(), fin.display()))?;
-    out.secs = t0.elapsed().as_secs_f64();
-    Ok((fin, out))
+    staged(root, name, |staging, out| {
+        learner.export_adapter(staging)?;
+        out.bytes += dir_bytes(staging)?;
+        Ok(())
+    })
 }
 
 /// What the configured engine takes at a sync.
@@ -152,10 +155,7 @@ pub fn export_as(learner: &Learner, format: WeightFormat, dir: &Path) -> Result<
     let name = dir.file_name().context("export directory has no name")?.to_string_lossy().to_string();
     match format {
         WeightFormat::HfDir => export_to(learner, root, &name),
-        WeightFormat::Adapter => {
-            std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-            export_adapter(learner, root, &name)
-        }
+        WeightFormat::Adapter => export_adapter(learner, root, &name),
         WeightFormat::Nothing => anyhow::bail!("this engine takes no weights"),
     }
 }

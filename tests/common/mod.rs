@@ -9,6 +9,18 @@ use orchestrator::testkit::tiny::TinySpec;
 
 static INIT: Once = Once::new();
 
+/// Chat prompts of different lengths for engine tests.
+pub const PROMPTS: &[&str] = &[
+    "Write a short story about a lighthouse.",
+    "Describe the morning market.",
+    "Dear hiring manager, I am writing to apply.",
+    "Summarise the main points of the report.",
+    "Poetry asks the reader to slow down.",
+    "The committee will meet on Thursday.",
+    "She opened the letter slowly.",
+    "In conclusion, the evidence shows",
+];
+
 /// Keeps mistral.rs away from any real hub cache: no token, an empty HF_HOME.
 pub fn init() {
     INIT.call_once(|| {
