@@ -19,6 +19,7 @@ pub mod prepare;
 pub mod record;
 pub mod state;
 mod rollouts;
+mod start;
 pub mod sync;
 
 use std::path::{Path, PathBuf};
@@ -33,13 +34,13 @@ use crate::config::Config;
 use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
 use crate::engine::remote::PoolShort;
-use crate::engine::{Backend, ChatMessage, Engine, MistralEngine, RemoteEngine, Role, Rollout, WeightFormat};
+use crate::engine::{ChatMessage, Engine, Role, Rollout};
 use crate::judge::Judge;
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
 use crate::progress::Progress;
 use crate::reward::RewardStats;
-use crate::rundir::{config_hash, RunDir};
+use crate::rundir::RunDir;
 
 use offpolicy::Pending;
 use record::StepRecord;
@@ -183,160 +184,6 @@ pub async fn run(opts: RunOptions) -> Result<Ended> {
 }
 
 impl Trainer {
-    /// Loads the judge, the learner (restored from the checkpoint) and the engine on the weights
-    /// the checkpoint says it served.
-    pub async fn start(p: Prepared) -> Result<Self> {
-        let Prepared { cfg, tasks, run, checkpoint, .. } = p;
-        let hash = config_hash(&cfg)?;
-        let judge = crate::judge::from_config(&cfg.judge, &cfg.model).await?;
-        let saved = match &checkpoint {
-            Some(d) => Some(TrainerState::read(d)?),
-            None => None,
-        };
-
-        let t0 = Instant::now();
-        let (lcfg, model_dir, seed) = (cfg.learner.clone(), cfg.model.path.clone(), cfg.run.seed);
-        let ckpt_learner = checkpoint.as_ref().map(|d| d.join(LEARNER_DIR));
-        let learner = tokio::task::spawn_blocking(move || -> Result<Learner> {
-            let mut l = Learner::new(&lcfg, &model_dir, seed)?;
-            if let Some(d) = ckpt_learner {
-                l.load(&d).with_context(|| format!("restoring the learner from {}", d.display()))?;
-            }
-            Ok(l)
-        })
-        .await
-        .context("learner thread panicked")??;
-        eprintln!("learner ready in {:.1}s", t0.elapsed().as_secs_f64());
-
-        let pending_step = saved.as_ref().and_then(|s| s.pending);
-        let (curriculum, sampler, step, dirty, served_step) = match (&saved, &checkpoint) {
-            (Some(s), Some(_)) => (
-                Curriculum::restore(&cfg.curriculum, &tasks, s.curriculum.clone())?,
-                TaskSampler::resume(s.sampler, tasks.len(), cfg.run.shuffle)?,
-                s.step,
-                s.dirty,
-                s.served_step,
-            ),
-            _ => (
-                Curriculum::new(&cfg.curriculum, &tasks)?,
-                TaskSampler::new(tasks.len(), cfg.run.seed, cfg.run.shuffle)?,
-                0,
-                false,
-                0,
-            ),
-        };
-        // The weights the engine served when the checkpoint was written.
-        let format = sync::weight_format(&cfg);
-        let policy_root = sync::export_root(&cfg, &run);
-        sync::clean(&policy_root, None)?;
-        let mut learner = Some(learner);
-        let served = if served_step == 0 || format == WeightFormat::Nothing {
-            Served { path: cfg.model.path.clone(), step: 0, owned: false }
-        } else {
-            let dir = sync::export_path(&cfg, &policy_root, served_step);
-            let ckpt = checkpoint.as_ref().expect("served_step > 0 comes from a checkpoint");
-            if ckpt.join(POLICY_DIR).is_dir() {
-                sync::link_files(&ckpt.join(POLICY_DIR), &dir)?;
-            } else {
-                let d = dir.clone();
-                on_learner(&mut learner, move |l| sync::export_as(l, format, &d)).await??;
-            }
-            Served { path: dir, step: served_step, owned: true }
-        };
-        let t0 = Instant::now();
-        let engine: Arc<dyn Engine> = match cfg.engine.backend {
-            Backend::Embedded => {
-                let mut model = cfg.model.clone();
-                model.path = served.path.clone();
-                Arc::new(MistralEngine::load(&model, &cfg.engine).await?)
-            }
-            Backend::Remote => {
-                let pushed = served.owned.then(|| (served.step, served.path.clone()));
-                Arc::new(RemoteEngine::connect(&cfg.engine.remote, &cfg.model.path, pushed).await?)
-            }
-        };
-        eprintln!("engine ready in {:.1}s ({})", t0.elapsed().as_secs_f64(), served.path.display());
-
-        let metrics = MetricsWriter::open(&run.metrics(), Some(step))?;
-        let checkpoints = Checkpoints::open(run.checkpoints())?;
-        let mut trainer = Self {
-            bars: Bars::new(cfg.run.steps, step),
-            tasks: tasks.into_iter().map(Arc::new).collect(),
-            cfg,
-            run,
-            hash,
-            engine,
-            judge,
-            learner,
-            curriculum,
-            sampler,
-            checkpoints,
-            metrics,
-            served,
-            pending: None,
-            step,
-            dirty,
-            last_saved: step,
-            stop: Arc::new(AtomicBool::new(false)),
-            stop_notify: Arc::new(tokio::sync::Notify::new()),
-        };
-        if let (Some(ps), Some(d)) = (pending_step, &checkpoint) {
-            if ps != step + 1 {
-                anyhow::bail!("{}: pending step {ps} does not follow the checkpoint's step {step}", d.join(state::TRAINER_FILE).display());
-            }
-            trainer.pending = Some(Pending::read(d, ps, &trainer.tasks)?);
-        }
-        trainer.repair_after_resume(saved.and_then(|s| s.record))?;
-        trainer.metrics.tensorboard(&trainer.run.root, trainer.cfg.run.tensorboard)?;
-        // A resumed run shows the state it resumes in until its next step ends.
-        let last = crate::metrics::read_jsonl_lenient(trainer.metrics.path()).ok().and_then(|m| m.last().cloned());
-        if let Some(r) = last.and_then(|v| serde_json::from_value::<StepRecord>(v).ok()) {
-            trainer.bars.steps.set_message(r.status());
-        }
-        install_signals(trainer.stop.clone(), trainer.stop_notify.clone());
-        if let Some(d) = &checkpoint {
-            trainer.bars.log(format!("resumed from {} (step {})", d.display(), trainer.step));
-        }
-        Ok(trainer)
-    }
-
-    /// After a crash: the checkpoint's own metrics line if the crash lost it, and no samples of
-    /// steps that are about to run again.
-    fn repair_after_resume(&mut self, record: Option<StepRecord>) -> Result<()> {
-        // Resuming from an older checkpoint (`--resume PATH`, or newer ones that failed to
-        // verify) starts a new history from it: the newer checkpoints are set aside.
-        for (from, to) in self.checkpoints.abandon_after(self.step)? {
-            self.bars.log(format!(
-                "checkpoint {} is newer than the resume point (step {}): moved to {}",
-                from.display(),
-                self.step,
-                to.display()
-            ));
-        }
-        let have_last = crate::metrics::read_jsonl(self.metrics.path())?
-            .last()
-            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-            == Some(self.step);
-        if self.step > 0 && !have_last {
-            if let Some(mut r) = record {
-                r.t_checkpoint = None;
-                self.metrics.write(&r)?;
-            }
-        }
-        let dir = self.run.samples();
-        if dir.is_dir() {
-            for e in std::fs::read_dir(&dir)? {
-                let p = e?.path();
-                let n = p.file_name().unwrap_or_default().to_string_lossy().to_string();
-                let s = n.strip_prefix("step-").and_then(|r| r.strip_suffix(".jsonl")).and_then(|r| r.parse::<u64>().ok());
-                if s.is_some_and(|s| s > self.step) {
-                    std::fs::remove_file(&p)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     pub fn run_dir(&self) -> &Path {
         &self.run.root
     }
@@ -432,14 +279,6 @@ impl Trainer {
         Ok(secs)
     }
 
-    /// Exports the learner's weights as step `step`'s and has the engine serve them: (seconds, bytes).
-    async fn sync_to_engine(&mut self, step: u64) -> Result<(f64, u64)> {
-        let t = Instant::now();
-        let bytes = self.sync_engine(step).await?;
-        self.dirty = false;
-        Ok((t.elapsed().as_secs_f64(), bytes))
-    }
-
     async fn step_once(&mut self) -> Result<StepEnd> {
         let t_step = Instant::now();
         let step = self.step + 1;
@@ -501,7 +340,7 @@ impl Trainer {
         // step (its next rollouts were not complete then: see `offpolicy`) happens first.
         let next = if ahead && step < self.cfg.run.steps {
             if (step - 1) % self.cfg.run.sync_every == 0 && self.dirty {
-                let (s, b) = self.sync_to_engine(step - 1).await?;
+                let (s, b) = self.sync_engine(step - 1).await?;
                 (t_sync, sync_bytes) = (t_sync + s, sync_bytes + b);
             }
             Some(self.draw(step + 1))
@@ -582,7 +421,7 @@ impl Trainer {
         // Weight sync. One-step-off moves the engine on only once the next step's rollouts
         // exist; otherwise it keeps the weights they must be generated with.
         if step % self.cfg.run.sync_every == 0 && self.dirty && (!ahead || next_pending.is_some()) {
-            let (s, b) = self.sync_to_engine(step).await?;
+            let (s, b) = self.sync_engine(step).await?;
             (t_sync, sync_bytes) = (t_sync + s, sync_bytes + b);
         }
         self.step = step;

@@ -161,17 +161,21 @@ pub fn export_as(learner: &Learner, format: WeightFormat, dir: &Path) -> Result<
 }
 
 impl super::Trainer {
-    /// Exports the learner's weights in the form the engine takes and switches the engine to
-    /// them; returns the bytes written (0 when the engine takes no weights).
-    pub(super) async fn sync_engine(&mut self, step: u64) -> Result<u64> {
+    /// Exports the learner's weights as step `step`'s, in the form the engine takes, and has the
+    /// engine serve them (nothing to write for an engine that takes no weights); the engine is
+    /// then in sync with the learner. Returns (seconds, bytes written).
+    pub(super) async fn sync_engine(&mut self, step: u64) -> Result<(f64, u64)> {
+        let t0 = Instant::now();
         let format = weight_format(&self.cfg);
-        if format == WeightFormat::Nothing {
-            return Ok(0);
+        let mut bytes = 0;
+        if format != WeightFormat::Nothing {
+            let dir = export_path(&self.cfg, &export_root(&self.cfg, &self.run), step);
+            let (dir, exported) = super::on_learner(&mut self.learner, move |l| export_as(l, format, &dir)).await??;
+            switch(&*self.engine, &mut self.served, dir, step).await?;
+            bytes = exported.bytes + exported.frozen_bytes;
         }
-        let dir = export_path(&self.cfg, &export_root(&self.cfg, &self.run), step);
-        let (dir, exported) = super::on_learner(&mut self.learner, move |l| export_as(l, format, &dir)).await??;
-        switch(&*self.engine, &mut self.served, dir, step).await?;
-        Ok(exported.bytes + exported.frozen_bytes)
+        self.dirty = false;
+        Ok((t0.elapsed().as_secs_f64(), bytes))
     }
 }
 
