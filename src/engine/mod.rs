@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 use crate::validate::Problems;
 
 pub use mistral::{request_concurrency, MistralEngine};
-pub use remote::{RemoteConfig, RemoteEngine};
+// The remote engine builds on this module's trait and types; this module names only its config
+// (a leaf), so the dependency runs one way.
+pub use remote::config::RemoteConfig;
 pub use sampler::SeedKey;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::validate::Problems;
 
+/// Names of pushed versions start with this (a base model name must not).
+pub const VERSION_PREFIX: &str = "policy-v";
+
 /// Which server software the pool runs; it picks the wire format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,8 +105,8 @@ impl RemoteConfig {
         if self.model.trim().is_empty() {
             p.push(&format!("{key}.model"), "must name the model the servers serve (their --served-model-name)");
         }
-        if self.model.starts_with(super::VERSION_PREFIX) {
-            p.push(&format!("{key}.model"), format!("must not start with {:?} (the names of pushed versions)", super::VERSION_PREFIX));
+        if self.model.starts_with(VERSION_PREFIX) {
+            p.push(&format!("{key}.model"), format!("must not start with {:?} (the names of pushed versions)", VERSION_PREFIX));
         }
         if !self.api_key_env.is_empty() && !self.api_key_env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             p.push(&format!("{key}.api_key_env"), "must be the NAME of an environment variable (letters, digits, _), not the key");

@@ -31,16 +31,13 @@ use async_trait::async_trait;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 
-pub use config::{RemoteConfig, RemoteKind, WeightPush};
+pub use config::{RemoteConfig, RemoteKind, WeightPush, VERSION_PREFIX};
 use pool::Pool;
 use prompt::PromptTemplate;
 use wire::PushReply;
 
 use super::{Engine, GenRequest, Rollout, SamplingConfig, WeightFormat};
 use crate::engine::FinishReason;
-
-/// Names of pushed versions start with this.
-pub const VERSION_PREFIX: &str = "policy-v";
 
 /// The version name of the learner's weights after `step` steps.
 pub fn version_name(step: u64) -> String {
