@@ -6,7 +6,8 @@
 use hyper::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::{json_reply, reply, ApiError, Dialect, Limits, PushError, Shared};
+use super::http::{json_reply, reply, ApiError};
+use super::{Dialect, Limits, PushError, Shared};
 use crate::engine::{FinishReason, Rollout, SamplingConfig};
 use http_body_util::Full;
 use hyper::body::Bytes;
