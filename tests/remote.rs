@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use orchestrator::config::ModelConfig;
 use orchestrator::engine::remote::prompt::PromptTemplate;
-use orchestrator::engine::remote::{version_name, RemoteConfig, RemoteKind, WeightPush};
-use orchestrator::engine::{ChatMessage, Engine, EngineConfig, FinishReason, GenRequest, MistralEngine, RemoteEngine, Role, Rollout, SamplingConfig, SeedKey};
+use orchestrator::engine::remote::{version_name, RemoteConfig, RemoteEngine, RemoteKind, WeightPush};
+use orchestrator::engine::{ChatMessage, Engine, EngineConfig, FinishReason, GenRequest, MistralEngine, Role, Rollout, SamplingConfig, SeedKey};
 use orchestrator::learner::lora::LoraConfig;
 use orchestrator::learner::{Algorithm, Learner, LearnerConfig, Trajectory};
 use orchestrator::testkit::pool::{Dialect, PoolServer, PoolServerOptions};
