@@ -9,7 +9,8 @@ cd "$ORCH_ROOT"
 # Tests use 2 threads each; fixed thread counts keep tensor sums reproducible.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 cargo test --release --locked "$@" 2>&1
-# Our patch of mistral.rs carries its own regression test (README, "Patched mistral.rs"). Naming
-# orchestrator too keeps every shared dependency's features as above, so only mistralrs-core's
-# test harness is compiled.
+# Our patches of mistral.rs and candle carry their own regression tests (README, "Patched
+# crates"). Naming orchestrator too keeps every shared dependency's features as above, so only the
+# patched crates' test harnesses are compiled.
 cargo test --release --locked -p orchestrator -p mistralrs-core --lib flash_attn_cpu_single_q 2>&1
+cargo test --release --locked -p orchestrator -p candle-core --lib rowdot 2>&1

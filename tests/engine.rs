@@ -719,7 +719,7 @@ async fn suppressed_eos_gives_full_length_rollouts() {
 
 /// mistral.rs 0.8.1 cut a stop-string match out of the lossy decode of the completion at the
 /// match's offset in the raw bytes; with invalid UTF-8 before it, that offset fell inside a U+FFFD
-/// and the engine thread panicked, failing every later request (README, "Patched mistral.rs").
+/// and the engine thread panicked, failing every later request (README, "Patched crates").
 /// These seeds and stop strings did that on unpatched 0.8.1 (found by search: the first batch).
 /// Serial, so each sequence is computed alone and the draws are the same on every machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,7 +107,7 @@ fn link_model_dir(src: &Path, live: &Path) -> Result<()> {
 /// Requests the engine may have in flight at once. mistral.rs batches whatever is in flight
 /// (its 0.8.1 scheduler admits every waiting sequence of equal length, whatever `max_num_seqs`
 /// says), so this bound is what keeps batches at `max_num_seqs`. Batched CPU decoding relies on
-/// our fix of 0.8.1's `flash_attn_cpu_single_q` (patches/, README "Patched mistral.rs").
+/// our fix of 0.8.1's `flash_attn_cpu_single_q` (patches/, README "Patched crates").
 /// `serial` sends one request at a time: slower, but every sequence is computed exactly as if
 /// alone, so results do not depend on what else was in flight or when.
 pub fn request_concurrency(max_num_seqs: usize, serial: bool) -> usize {
