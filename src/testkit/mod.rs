@@ -3,6 +3,7 @@
 //! remote rollout pool, and the letter task with its judge. Real components on small inputs, so
 //! a test needs no download and no GPU; nothing in a training run uses them.
 
+pub mod gauge;
 pub mod letters;
 pub mod pool;
 pub mod scripted;

@@ -39,6 +39,7 @@ use serde_json::Value;
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
+use super::gauge::InFlightGauge;
 use crate::engine::{EngineConfig, MistralEngine};
 use crate::model::{ModelConfig, ModelFormat};
 
@@ -181,30 +182,12 @@ struct Shared {
     pushes_failed: AtomicUsize,
     pushes_duplicate: AtomicUsize,
     unloads: AtomicUsize,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
+    in_flight: InFlightGauge,
     next_id: AtomicUsize,
     requests: Mutex<Vec<RecordedRequest>>,
     accept: Mutex<Option<JoinHandle<()>>>,
     connections: Mutex<Vec<JoinHandle<()>>>,
     killed: AtomicBool,
-}
-
-/// Counts a generation request in flight for as long as it lives.
-struct InFlight<'a>(&'a Shared);
-
-impl<'a> InFlight<'a> {
-    fn enter(s: &'a Shared) -> Self {
-        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        s.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        InFlight(s)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// A vLLM or SGLang stand-in on 127.0.0.1; it stops when dropped.
@@ -255,8 +238,7 @@ impl PoolServer {
             pushes_failed: AtomicUsize::new(0),
             pushes_duplicate: AtomicUsize::new(0),
             unloads: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(0),
+            in_flight: InFlightGauge::default(),
             next_id: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
             accept: Mutex::new(None),
@@ -334,7 +316,7 @@ impl PoolServer {
             pushes_duplicate: s.pushes_duplicate.load(Ordering::SeqCst),
             unloads: s.unloads.load(Ordering::SeqCst),
             loaded: self.loaded(),
-            max_in_flight: s.max_in_flight.load(Ordering::SeqCst),
+            max_in_flight: s.in_flight.max(),
         }
     }
 
@@ -345,7 +327,7 @@ impl PoolServer {
 
     /// Generation requests in flight now.
     pub fn in_flight(&self) -> usize {
-        self.shared.in_flight.load(Ordering::SeqCst)
+        self.shared.in_flight.now()
     }
 
     /// Every request after authentication, in arrival order (`/health` excluded).

@@ -40,6 +40,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use super::gauge::InFlightGauge;
 use crate::judge::Verdict;
 
 /// What the server does with one request.
@@ -172,26 +173,8 @@ struct State {
     default: Mutex<Behavior>,
     log: Mutex<Vec<RecordedRequest>>,
     count: AtomicUsize,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
+    in_flight: InFlightGauge,
     connections: Mutex<Vec<tokio::task::AbortHandle>>,
-}
-
-/// Counts one request in flight for as long as it lives.
-struct InFlight<'a>(&'a State);
-
-impl<'a> InFlight<'a> {
-    fn enter(state: &'a State) -> Self {
-        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        InFlight(state)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// The server; it stops when dropped.
@@ -224,8 +207,7 @@ impl ScriptedServer {
             default: Mutex::new(default),
             log: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(0),
+            in_flight: InFlightGauge::default(),
             connections: Mutex::new(Vec::new()),
         });
         let st = state.clone();
@@ -282,20 +264,18 @@ impl ScriptedServer {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.state.in_flight.load(Ordering::SeqCst)
+        self.state.in_flight.now()
     }
 
     /// The most requests ever in flight at once.
     pub fn max_in_flight(&self) -> usize {
-        self.state.max_in_flight.load(Ordering::SeqCst)
+        self.state.in_flight.max()
     }
 
     /// Forgets recorded requests and the in-flight maximum (the queue is kept).
     pub fn reset_stats(&self) {
         self.state.log.lock().unwrap().clear();
-        self.state
-            .max_in_flight
-            .store(self.state.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.state.in_flight.reset_max();
     }
 }
 
@@ -351,7 +331,7 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(ResetConnection),
     };
-    let _counted = InFlight::enter(&state);
+    let _counted = state.in_flight.enter();
     let rec = RecordedRequest {
         index: state.count.fetch_add(1, Ordering::SeqCst),
         at: Instant::now(),

@@ -10,7 +10,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
-use super::{wire, Dialect, InFlight, RecordedRequest, Shared};
+use super::{wire, Dialect, RecordedRequest, Shared};
 
 /// An error reply: status and message; each dialect renders its own body.
 #[derive(Debug)]
@@ -93,7 +93,7 @@ async fn generate(sh: &Arc<Shared>, body: &Value) -> Result<Response<Full<Bytes>
         tokio::spawn(async move { s.kill().await });
         std::future::pending::<()>().await;
     }
-    let _counted = InFlight::enter(sh);
+    let _counted = sh.in_flight.enter();
     let delay = *sh.delay.lock().unwrap();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
