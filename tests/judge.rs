@@ -373,19 +373,6 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn judge_cli_sends_the_bearer_key_and_never_leaks_it() {
     const KEY: &str = "sk-test-5f2c9a1b7e3d4c6f8a0b";
@@ -468,10 +455,7 @@ async fn judge_cli_sends_the_bearer_key_and_never_leaks_it() {
     assert!(lines[0]["latency_ms"].is_u64() && lines[0]["retries"].is_u64());
     // The key appears nowhere: not in the output, the logs, or any file written.
     assert!(!stdout.contains(KEY) && !stderr.contains(KEY), "{stdout}\n{stderr}");
-    for f in files_under(tmp.path()) {
-        let bytes = std::fs::read(&f).unwrap();
-        assert!(!String::from_utf8_lossy(&bytes).contains(KEY), "{} contains the key", f.display());
-    }
+    common::assert_secret_in_no_file(tmp.path(), KEY);
 
     // A missing key variable: a clear error naming the variable, and the old output kept.
     let res = tokio::task::spawn_blocking({

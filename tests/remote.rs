@@ -386,22 +386,6 @@ fn spawn_run(config: &Path, run_dir: &Path, key: &str) -> tokio::process::Child 
         .expect("spawn orchestrator run")
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// `orchestrator run` with `backend = "remote"` on a pool of 2 (LoRA pushes, token-TIS, an API
 /// key): runs to the end; killed with SIGKILL mid-run and resumed, it finishes every step once,
 /// the resumed process pushes the version its checkpoint served before generating, and the key
@@ -489,12 +473,7 @@ async fn orchestrator_run_on_a_pool_killed_with_sigkill_and_resumed() {
     }
 
     for dir in [&straight, &crashed] {
-        let files = files_under(dir);
-        assert!(files.len() > 10);
-        for f in files {
-            let bytes = std::fs::read(&f).unwrap();
-            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "key found in {}", f.display());
-        }
+        assert!(common::assert_secret_in_no_file(dir, secret) > 10);
     }
     assert!(!err.contains(secret));
 }

@@ -576,20 +576,7 @@ async fn api_key_never_reaches_the_run_directory_or_logs() {
     let auth = server.requests()[0].authorization.clone().unwrap();
     assert!(auth.contains(secret), "the key is sent to the judge");
     assert!(!out.contains(secret) && !err.contains(secret));
-    let mut files = 0;
-    let mut stack = vec![dir.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                files += 1;
-                let bytes = std::fs::read(&p).unwrap();
-                assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "key found in {}", p.display());
-            }
-        }
-    }
+    let files = common::assert_secret_in_no_file(&dir, secret);
     assert!(files > 10, "checked {files} files");
 }
 

@@ -90,3 +90,31 @@ impl RunSetup {
         p
     }
 }
+
+/// Every file under `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that no file under `dir` holds `secret` anywhere in its bytes; returns how many files
+/// were read (so a test can require that there was something to check).
+pub fn assert_secret_in_no_file(dir: &Path, secret: &str) -> usize {
+    let files = files_under(dir);
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "key found in {}", f.display());
+    }
+    files.len()
+}
