@@ -275,6 +275,7 @@ impl Config {
         self.judge.validate("judge", &mut p);
         self.reward.validate("reward", &mut p);
         self.data.validate("data", &mut p);
+        self.curriculum.validate("curriculum", &mut p);
         self.selection.validate("selection", &mut p);
         self.learner.validate("learner", &mut p);
         if p.0.is_empty() {
