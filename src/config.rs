@@ -219,6 +219,7 @@ impl Config {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("engine.sampling.stop")
+                    .with_list_parse_key("engine.remote.servers")
                     .source(Some(env_map)),
             )
             .build()
@@ -317,6 +318,9 @@ impl Config {
             ));
         }
         let (e, s) = (&self.engine, &self.engine.sampling);
+        if e.backend == crate::engine::Backend::Remote {
+            w.extend(e.remote.max_loras_warning("engine.remote", off >= 1));
+        }
         if e.backend == crate::engine::Backend::Remote
             && e.remote.kind == crate::engine::remote::RemoteKind::Vllm
             && (s.top_p < 1.0 || s.top_k > 0)

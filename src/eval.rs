@@ -1,7 +1,8 @@
 //! Pairwise evaluation of two models on held-out tasks (`orchestrator eval`).
 //!
 //! Each model writes one answer per task with the embedded engine (same seeds for both, one
-//! model in memory at a time); the judge then compares policy and baseline in both presentation
+//! model in memory at a time), or on the remote pool of `engine.backend = "remote"` (see
+//! [`PoolWeights`]); the judge then compares policy and baseline in both presentation
 //! orders. A pair is a win when both orders prefer the policy, a loss when both prefer the
 //! baseline, a tie otherwise (the `both` rule of [`crate::reward`]); a pair with a failed call
 //! is unscored and left out of the rates. The win rate counts a tie as half a win and comes with
@@ -18,7 +19,8 @@ use tokio::sync::mpsc;
 
 use crate::model::{ModelConfig, ModelFormat};
 use crate::data::Task;
-use crate::engine::{ChatMessage, Engine, EngineConfig, GenRequest, MistralEngine, Role, Rollout, SeedKey};
+use crate::engine::remote::{version_name, RemoteConfig, WeightPush};
+use crate::engine::{ChatMessage, Engine, EngineConfig, GenRequest, MistralEngine, Role, Rollout, SamplingConfig, SeedKey};
 use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
 use crate::progress::Progress;
 use crate::reward::{self, JudgeCall, Outcome, Position, RewardConfig, RewardStats};
@@ -192,6 +194,13 @@ pub async fn generate_answers(
     what: &str,
 ) -> Result<Vec<String>> {
     let engine = MistralEngine::load(model, engine_cfg).await?;
+    let answers = answers_from(&engine, &engine_cfg.sampling, tasks, seed, what).await;
+    drop(engine);
+    answers
+}
+
+/// One answer per task from `engine` (seeded as [`generate_answers`]).
+pub async fn answers_from(engine: &dyn Engine, sampling: &SamplingConfig, tasks: &[Task], seed: u64, what: &str) -> Result<Vec<String>> {
     let requests: Vec<GenRequest> = tasks
         .iter()
         .enumerate()
@@ -219,15 +228,160 @@ pub async fn generate_answers(
             answers
         })
     };
-    engine.generate_into(&requests, &engine_cfg.sampling, tx).await?;
+    engine.generate_into(&requests, sampling, tx).await?;
     let answers = collector.await?;
     progress.finish();
-    drop(engine);
     answers
         .into_iter()
         .enumerate()
         .map(|(i, a)| a.with_context(|| format!("{what}: no answer for task {:?} (the engine canceled it or returned none)", tasks[i].id)))
         .collect()
+}
+
+/// Where one side of an eval comes from with `engine.backend = "remote"`: the servers generate
+/// with their base model, or with a LoRA version `eval` pushes for itself alone (under a name no
+/// training run uses, unloaded when it is done). Full-weight pushes (`weight_push = "disk"`)
+/// would change what every user of the servers generates with, so they are refused, as are other
+/// model directories, which the servers cannot load as an adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolWeights {
+    /// `model.path`: the base model the servers serve.
+    Base,
+    /// A checkpoint of a run trained with LoRA: its adapter is exported and pushed.
+    Checkpoint(PathBuf),
+    /// A PEFT adapter directory (`orchestrator export --adapter`): pushed as it is.
+    Adapter(PathBuf),
+}
+
+impl PoolWeights {
+    /// The path the summary names for this side.
+    pub fn path(&self, base: &Path) -> PathBuf {
+        match self {
+            PoolWeights::Base => base.to_path_buf(),
+            PoolWeights::Checkpoint(p) | PoolWeights::Adapter(p) => p.clone(),
+        }
+    }
+}
+
+/// What `arg` (`--policy` or `--baseline`, named by `flag`) is on a remote pool whose servers
+/// serve `base` (`model.path`); an error saying why and what to do when the pool cannot serve it.
+pub fn pool_weights(arg: &Path, flag: &str, base: &Path, remote: &RemoteConfig) -> Result<PoolWeights> {
+    if !arg.exists() {
+        bail!("{flag} {} does not exist", arg.display());
+    }
+    if !arg.is_dir() {
+        bail!("{flag} {} is not a directory (expected a model directory, a run directory or a checkpoint)", arg.display());
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(arg, base) {
+        return Ok(PoolWeights::Base);
+    }
+    let embedded = "evaluate it with the embedded engine instead (engine.backend = \"embedded\", e.g. ORCHESTRATOR__ENGINE__BACKEND=embedded)";
+    match remote.weight_push {
+        WeightPush::Lora => {}
+        WeightPush::None => bail!(
+            "{flag} {}: with engine.backend = \"remote\" and engine.remote.weight_push = \"none\" the servers keep the weights they \
+             were started with, so only the base model (model.path = {}) can be evaluated on them; {embedded}",
+            arg.display(),
+            base.display()
+        ),
+        WeightPush::Disk => bail!(
+            "{flag} {}: with engine.backend = \"remote\" and engine.remote.weight_push = \"disk\", evaluating it would replace the \
+             weights every user of the servers generates with (a training run's included), so eval pushes only LoRA adapters and \
+             evaluates only the base model (model.path = {}) on a full-weight pool; {embedded}",
+            arg.display(),
+            base.display()
+        ),
+    }
+    if let Some(ckpt) = crate::rundir::checkpoint_of(arg)? {
+        return Ok(PoolWeights::Checkpoint(ckpt));
+    }
+    if arg.join("adapter_config.json").is_file() {
+        return Ok(PoolWeights::Adapter(arg.to_path_buf()));
+    }
+    bail!(
+        "{flag} {}: with engine.backend = \"remote\" an evaluated model reaches the servers as a LoRA adapter, so it must be the \
+         base model (model.path = {}), a run or checkpoint trained with LoRA, or a PEFT adapter directory (orchestrator export \
+         --adapter); this is another model directory: {embedded}",
+        arg.display(),
+        base.display()
+    )
+}
+
+/// Version numbers of `eval`'s own pushes: far above any training step, one range per process,
+/// so its adapters never take the name of a training run's versions on shared servers.
+const EVAL_VERSIONS: u64 = 900_000_000_000;
+
+/// Writes the adapter of side `side` as `<dir>/<version name>` (blocking: tch work for a
+/// checkpoint); returns (step, directory) to push.
+pub fn pool_export(w: &PoolWeights, side: u64, dir: &Path, flag: &str) -> Result<Option<(u64, PathBuf)>> {
+    let step = EVAL_VERSIONS + u64::from(std::process::id()) * 4 + side;
+    let out = dir.join(version_name(step));
+    match w {
+        PoolWeights::Base => return Ok(None),
+        PoolWeights::Checkpoint(ckpt) => {
+            let learner = crate::rundir::checkpoint_learner(ckpt)?;
+            if !learner.config().lora.enabled {
+                bail!(
+                    "{flag} {}: trained without LoRA (learner.lora.enabled = false), so there is no adapter to push to the pool \
+                     of engine.backend = \"remote\"; evaluate it with the embedded engine instead (engine.backend = \"embedded\", \
+                     e.g. ORCHESTRATOR__ENGINE__BACKEND=embedded)",
+                    ckpt.display()
+                );
+            }
+            let _ = std::fs::remove_dir_all(&out);
+            learner.export_adapter(&out).with_context(|| format!("exporting the adapter of {}", ckpt.display()))?;
+            eprintln!("exported the adapter of checkpoint {} as {}", ckpt.display(), out.display());
+        }
+        PoolWeights::Adapter(src) => {
+            // Copied under the export directory, the path every server reads.
+            let _ = std::fs::remove_dir_all(&out);
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            for e in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+                let p = e?.path();
+                if p.is_file() {
+                    let to = out.join(p.file_name().expect("a file has a name"));
+                    std::fs::copy(&p, &to).with_context(|| format!("copying {} to {}", p.display(), to.display()))?;
+                }
+            }
+        }
+    }
+    Ok(Some((step, out)))
+}
+
+/// One answer per task from each side on a remote pool: the base model's sides first, then each
+/// other side with its adapter pushed (`exports[k]`, from [`pool_export`]). The pushed versions
+/// are released (unloaded) at the end, whatever happened.
+pub async fn answers_on_pool(
+    engine: &dyn Engine,
+    sampling: &SamplingConfig,
+    tasks: &[Task],
+    seed: u64,
+    sides: &[(&str, Option<(u64, PathBuf)>)],
+) -> Result<Vec<Vec<String>>> {
+    let run = async {
+        let mut answers: Vec<Option<Vec<String>>> = vec![None; sides.len()];
+        for (k, (what, export)) in sides.iter().enumerate() {
+            if export.is_none() {
+                answers[k] = Some(answers_from(engine, sampling, tasks, seed, what).await?);
+            }
+        }
+        for (k, (what, export)) in sides.iter().enumerate() {
+            if let Some((step, dir)) = export {
+                engine.push(*step, dir).await.with_context(|| format!("{what}: pushing {} to the pool", dir.display()))?;
+                answers[k] = Some(answers_from(engine, sampling, tasks, seed, what).await?);
+            }
+        }
+        Ok::<_, anyhow::Error>(answers.into_iter().map(|a| a.expect("every side generated")).collect())
+    };
+    let out = run.await;
+    if let Err(e) = engine.release().await {
+        eprintln!("warning: unloading eval's adapters from the pool: {e:#}");
+    }
+    out
 }
 
 /// Judges every task's pair in both orders and tallies the results.

@@ -198,6 +198,7 @@ enum BenchCommand {
 const EXIT_ERROR: u8 = 1;
 const EXIT_JUDGE_DOWN: u8 = 3;
 const EXIT_DIVERGED: u8 = 4;
+const EXIT_POOL_SHORT: u8 = 5;
 const EXIT_INTERRUPTED: u8 = 130;
 const EXIT_CODES: &str = "\
 Exit status:
@@ -207,6 +208,8 @@ Exit status:
   3    `run`: stopped because the judge stayed unavailable; a checkpoint was written, resume when it is back
   4    `run`: stopped because learner.max_skipped_steps optimizer steps in a row had a non-finite
        gradient norm; none was applied, so the newest checkpoint is clean
+  5    `run`: stopped because the remote pool generated fewer prompt groups than
+       engine.remote.min_groups_share; the newest checkpoint is resumable, resume once the servers are back
   130  `run`: interrupted by SIGINT or SIGTERM; a checkpoint was written (a second signal exits at
        once without one), rerun the command to resume";
 
@@ -400,6 +403,8 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<orchestrator::learner::Diverged>().is_some() {
                 ExitCode::from(EXIT_DIVERGED)
+            } else if e.downcast_ref::<orchestrator::engine::remote::PoolShort>().is_some() {
+                ExitCode::from(EXIT_POOL_SHORT)
             } else {
                 ExitCode::from(EXIT_ERROR)
             }

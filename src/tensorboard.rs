@@ -114,8 +114,12 @@ fn unix_secs() -> u64 {
 }
 
 /// The TensorBoard tag of a metrics key: grouped by what it measures, the key kept whole so a
-/// tag maps back to its field (`levels` becomes `ladder/levels_0`, `ladder/levels_1`, ...).
+/// tag maps back to its field (`levels` becomes `ladder/levels_0`, `ladder/levels_1`, ...). A
+/// remote pool's per-server keys are grouped already and stay as they are (`pool/0/tok_per_s`).
 pub fn tag(key: &str) -> String {
+    if key.starts_with("pool/") {
+        return key.to_string();
+    }
     let group = match key {
         "reward_mean" | "reward_std" => "reward",
         "rollouts" | "scored" | "unscored" | "wins" | "ties" | "losses" | "skipped_groups"
@@ -286,6 +290,13 @@ mod tests {
             ["judge/judge_retries", "ladder/levels_0", "ladder/levels_1", "ladder/levels_2", "reward/reward_mean", "time/t_learn"]
         );
         assert_eq!(s[1].1, 4.0);
+        // A pool's per-server fields: numbers under their own key, the served version (a
+        // string) and a null rate left out.
+        let line = json!({"step": 4, "pool/0/requests": 8, "pool/0/tok_per_s": null, "pool/1/healthy": 0,
+            "pool/1/serving": "policy-v000003"})
+        .to_string();
+        let s = scalars(&line);
+        assert_eq!(s, vec![("pool/0/requests".to_string(), 8.0), ("pool/1/healthy".to_string(), 0.0)]);
         // The nearest f64 to the text, where serde_json's fast parser can be an ulp off.
         let t = "1795941873.4188945";
         assert_eq!(scalars(&format!("{{\"step\":1,\"x\":{t}}}"))[0].1, t.parse::<f64>().unwrap());

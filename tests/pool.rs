@@ -258,6 +258,11 @@ async fn malformed_requests_get_a_400_and_the_server_keeps_serving() {
             (format!("{sp}top_k"), Some(json!(-2)), "top_k"),
             (format!("{sp}min_p"), Some(json!(0.1)), "min_p"),
             (format!("{sp}{seed}"), Some(json!(-5)), "non-negative integer"),
+            // vLLM and SGLang take a signed 64-bit seed; vLLM's 400 in its own words.
+            (format!("{sp}{seed}"), Some(json!(u64::MAX)), "less than or equal to 9223372036854775807"),
+            (format!("{sp}{seed}"), Some(json!(1u64 << 63)), "less than or equal to 9223372036854775807"),
+            (format!("{sp}repetition_penalty"), Some(json!(0.0)), "(0, 10]"),
+            (format!("{sp}presence_penalty"), Some(json!(0.5)), "supports 0 only"),
             (format!("{sp}stop"), Some(json!([""])), "empty"),
             (format!("{sp}ignore_eos"), None, "missing"),
             (format!("{sp}max_new_token"), Some(json!(4)), "unknown field"),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,27 +18,7 @@ use orchestrator::testkit::tiny::TinySpec;
 use orchestrator::testkit::letters::more_a_judge;
 use serde_json::Value;
 
-use common::RunSetup as Setup;
-
-/// The set-up venv's Python (scripts/setup.sh installs tensorboard there).
-fn venv_python() -> PathBuf {
-    let venv = match (std::env::var_os("ORCHESTRATOR_VENV"), std::env::var_os("ORCHESTRATOR_CACHE")) {
-        (Some(v), _) => PathBuf::from(v),
-        (None, Some(c)) => PathBuf::from(c).join("venv"),
-        (None, None) => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/orchestrator/venv"),
-    };
-    let py = venv.join("bin/python");
-    assert!(py.is_file(), "{} missing: run scripts/setup.sh", py.display());
-    py
-}
-
-/// scripts/check_tensorboard.py on `run_dir`: (exit code, output).
-fn check_tensorboard(run_dir: &Path) -> (i32, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_tensorboard.py");
-    let out = std::process::Command::new(venv_python()).arg(script).arg(run_dir).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
+use common::{check_tensorboard, RunSetup as Setup};
 
 fn event_files(run_dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(run_dir)

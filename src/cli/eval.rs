@@ -1,4 +1,5 @@
-//! `orchestrator eval`: policy vs baseline on held-out tasks, judged in both orders.
+//! `orchestrator eval`: policy vs baseline on held-out tasks, judged in both orders. With
+//! `engine.backend = "remote"` the answers come from the pool (see [`eval::PoolWeights`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -6,6 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::config::Config;
+use crate::engine::remote::RemoteEngine;
+use crate::engine::Backend;
 use crate::data::{read_tasks, References};
 use crate::eval::{self, Summary};
 use crate::judge::JudgeKind;
@@ -16,6 +19,8 @@ pub struct EvalArgs {
     pub config: crate::cli::ConfigArg,
     /// The model under test: an HF model directory, a run directory (its newest complete
     /// checkpoint) or a checkpoint directory; checkpoints are exported under `OUT/models/`.
+    /// With `engine.backend = "remote"`: the base model (`model.path`), a run or checkpoint
+    /// trained with LoRA, or a PEFT adapter directory, pushed as an adapter of its own.
     #[arg(long)]
     pub policy: PathBuf,
     /// The model it is compared with: the same kinds as `--policy`.
@@ -38,8 +43,15 @@ pub struct EvalArgs {
 pub async fn run(args: EvalArgs) -> Result<()> {
     let cfg = Config::load(args.config.path())?;
     let scratch = args.out.join("models");
-    let policy_dir = eval::resolve_model(&args.policy, &scratch)?;
-    let baseline_dir = eval::resolve_model(&args.baseline, &scratch)?;
+    let (policy_dir, baseline_dir, on_pool) = match cfg.engine.backend {
+        Backend::Embedded => (eval::resolve_model(&args.policy, &scratch)?, eval::resolve_model(&args.baseline, &scratch)?, None),
+        Backend::Remote => {
+            let (base, remote) = (&cfg.model.path, &cfg.engine.remote);
+            let p = eval::pool_weights(&args.policy, "--policy", base, remote)?;
+            let b = eval::pool_weights(&args.baseline, "--baseline", base, remote)?;
+            (p.path(base), b.path(base), Some((p, b)))
+        }
+    };
     let Some(tasks_path) = args.tasks.clone().or_else(|| cfg.data.eval_tasks.clone()) else {
         bail!("no tasks: pass --tasks FILE or set data.eval_tasks in {}", args.config.path().display());
     };
@@ -65,24 +77,38 @@ pub async fn run(args: EvalArgs) -> Result<()> {
         baseline_dir.display()
     );
 
-    // One model in memory at a time: policy, then baseline, then the judge.
     let t0 = Instant::now();
-    let policy = eval::generate_answers(
-        &eval::model_config(&policy_dir, &cfg.model),
-        &cfg.engine,
-        &tasks,
-        seed,
-        "generate policy",
-    )
-    .await?;
-    let baseline = eval::generate_answers(
-        &eval::model_config(&baseline_dir, &cfg.model),
-        &cfg.engine,
-        &tasks,
-        seed,
-        "generate baseline",
-    )
-    .await?;
+    let (policy, baseline) = match on_pool {
+        // One model in memory at a time: policy, then baseline, then the judge.
+        None => (
+            eval::generate_answers(&eval::model_config(&policy_dir, &cfg.model), &cfg.engine, &tasks, seed, "generate policy").await?,
+            eval::generate_answers(&eval::model_config(&baseline_dir, &cfg.model), &cfg.engine, &tasks, seed, "generate baseline")
+                .await?,
+        ),
+        Some((p, b)) => {
+            // Adapters go where the servers read pushed weights, in a directory of this process.
+            let dir = cfg.engine.remote.export_dir.join(format!("eval-{}", std::process::id()));
+            let result = async {
+                let (d, pflag, bflag) = (dir.clone(), "--policy", "--baseline");
+                let exports = tokio::task::spawn_blocking(move || -> Result<_> {
+                    Ok((eval::pool_export(&p, 0, &d, pflag)?, eval::pool_export(&b, 1, &d, bflag)?))
+                })
+                .await??;
+                let engine = RemoteEngine::connect(&cfg.engine.remote, &cfg.model.path, None).await?;
+                let sides = [("generate policy", exports.0), ("generate baseline", exports.1)];
+                let mut answers = eval::answers_on_pool(&engine, &cfg.engine.sampling, &tasks, seed, &sides).await?;
+                let baseline = answers.pop().expect("two sides");
+                Ok::<_, anyhow::Error>((answers.pop().expect("two sides"), baseline))
+            }
+            .await;
+            if dir.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    eprintln!("warning: removing {}: {e}", dir.display());
+                }
+            }
+            result?
+        }
+    };
     let t_gen = t0.elapsed().as_secs_f64();
     let judge = crate::judge::from_config(&cfg.judge, &cfg.model).await?;
     let t1 = Instant::now();

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::engine::{ChatMessage, Engine, GenRequest, MistralEngine, Role, Rollout, SeedKey};
+use crate::engine::remote::RemoteEngine;
+use crate::engine::{Backend, ChatMessage, Engine, GenRequest, MistralEngine, Role, Rollout, SeedKey};
 use crate::progress::Progress;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -33,7 +34,8 @@ pub struct GenerateArgs {
     /// Overrides `run.seed`.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Label written into every line's `source` (default: the model path and sampling settings).
+    /// Label written into every line's `source` (default: the model path, or with
+    /// `engine.backend = "remote"` the pool's served model name, and the sampling settings).
     #[arg(long)]
     pub source: Option<String>,
     /// Also write prompt ids, sampled ids and their ln-probs.
@@ -89,19 +91,35 @@ pub async fn run(args: GenerateArgs) -> Result<()> {
     let prompts = read_prompts(&args.prompts)?;
     let seed = args.seed.unwrap_or(cfg.run.seed);
     let s = &cfg.engine.sampling;
-    let source = args.source.clone().unwrap_or_else(|| {
-        format!(
-            "{} T={} top_p={} top_k={}",
-            cfg.model.path.display(),
-            s.temperature,
-            s.top_p,
-            s.top_k
-        )
-    });
+    let model = match cfg.engine.backend {
+        Backend::Embedded => cfg.model.path.display().to_string(),
+        Backend::Remote => format!("remote:{}", cfg.engine.remote.model),
+    };
+    let source = args
+        .source
+        .clone()
+        .unwrap_or_else(|| format!("{model} T={} top_p={} top_k={}", s.temperature, s.top_p, s.top_k));
 
+    // The embedded engine on model.path, or the pool's servers on their base model (model.path
+    // gives the tokenizer and chat template the prompts are sent with).
     let t0 = Instant::now();
-    let engine = MistralEngine::load(&cfg.model, &cfg.engine).await?;
-    eprintln!("loaded {} in {:.1}s", cfg.model.path.display(), t0.elapsed().as_secs_f64());
+    let engine: Arc<dyn Engine> = match cfg.engine.backend {
+        Backend::Embedded => {
+            let e = MistralEngine::load(&cfg.model, &cfg.engine).await?;
+            eprintln!("loaded {} in {:.1}s", cfg.model.path.display(), t0.elapsed().as_secs_f64());
+            Arc::new(e)
+        }
+        Backend::Remote => {
+            let e = RemoteEngine::connect(&cfg.engine.remote, &cfg.model.path, None).await?;
+            eprintln!(
+                "connected to the pool of {} server(s) serving {} in {:.1}s",
+                cfg.engine.remote.servers.len(),
+                cfg.engine.remote.model,
+                t0.elapsed().as_secs_f64()
+            );
+            Arc::new(e)
+        }
+    };
 
     let requests: Vec<GenRequest> = prompts
         .iter()

@@ -275,9 +275,26 @@ impl MistralEngine {
         sampling: &SamplingConfig,
         sample_seed: u64,
     ) -> Result<Rollout> {
+        self.generate_ids_penalized(prompt_ids, sampling, sample_seed, 1.0).await
+    }
+
+    /// As [`MistralEngine::generate_ids_seeded`] with a repetition penalty (1 = none; see
+    /// [`RecordingSampler::penalizing_repeats`]): what a server applying one samples.
+    pub async fn generate_ids_penalized(
+        &self,
+        prompt_ids: &[u32],
+        sampling: &SamplingConfig,
+        sample_seed: u64,
+        repetition_penalty: f32,
+    ) -> Result<Rollout> {
         anyhow::ensure!(!prompt_ids.is_empty(), "empty prompt");
         let _serving = self.serving.read().await;
-        let sampler = Arc::new(RecordingSampler::new(TokenSampling::from(sampling), sample_seed).suppressing(&self.suppressed).counting(self.drawn.clone()));
+        let sampler = Arc::new(
+            RecordingSampler::new(TokenSampling::from(sampling), sample_seed)
+                .suppressing(&self.suppressed)
+                .counting(self.drawn.clone())
+                .penalizing_repeats(repetition_penalty),
+        );
         let (finish, emitted) = self.send_tokens(prompt_ids.to_vec(), sampling, sampler.clone()).await?;
         let mut r = self.rollout(0, 0, &sampler, &finish, emitted, sampling).await?;
         // The sampler sees the context from the first decode on; a prompt of ids is that context.

@@ -273,6 +273,13 @@ pub trait Engine: Send + Sync {
         self.reload(dir).await
     }
 
+    /// Gives back what this engine loaded on shared servers for itself alone (the LoRA versions
+    /// a command like `eval` pushed), so they do not stay loaded after it exits. Nothing for an
+    /// engine of this process.
+    async fn release(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// All rollouts, grouped by request and ordered by sample index.
     async fn generate(
         &self,

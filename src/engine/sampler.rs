@@ -32,11 +32,14 @@ impl SeedKey {
         Self { run, step, prompt }
     }
 
+    /// The seed of one sample's stream, below 2^63: vLLM and SGLang take a request's seed as a
+    /// signed 64-bit integer and refuse larger ones (HTTP 400), and the embedded engine must draw
+    /// from the same streams as a pool.
     pub fn sample_seed(&self, sample: u64) -> u64 {
         let mut h = splitmix64(self.run ^ 0x6f72_6368_6573_7472);
         h = splitmix64(h ^ self.step);
         h = splitmix64(h ^ self.prompt);
-        splitmix64(h ^ sample)
+        splitmix64(h ^ sample) >> 1
     }
 }
 
@@ -203,6 +206,8 @@ pub struct RecordingSampler {
     record: Mutex<Record>,
     /// Shared count of positions drawn (see [`RecordingSampler::counting`]).
     drawn: Option<Arc<AtomicU64>>,
+    /// vLLM's and HF's repetition penalty (1 = off): see [`RecordingSampler::penalizing_repeats`].
+    repetition_penalty: f32,
 }
 
 impl RecordingSampler {
@@ -213,7 +218,17 @@ impl RecordingSampler {
             suppressed: Vec::new(),
             record: Mutex::new(Record::default()),
             drawn: None,
+            repetition_penalty: 1.0,
         }
+    }
+
+    /// Divides the positive logits (multiplies the negative ones) of every id already in the
+    /// context, prompt included, by `penalty` before the draw, as vLLM and HF transformers do.
+    /// The learner knows nothing of it: only the pool stand-ins use it, to reproduce a server
+    /// that takes a penalty from the model's `generation_config.json`.
+    pub fn penalizing_repeats(mut self, penalty: f32) -> Self {
+        self.repetition_penalty = penalty;
+        self
     }
 
     /// Never draws these ids (their logits become -inf, so ln p is of what remains).
@@ -247,6 +262,16 @@ impl CustomLogitsProcessor for RecordingSampler {
         for &id in &self.suppressed {
             if let Some(v) = values.get_mut(id as usize) {
                 *v = f32::NEG_INFINITY;
+            }
+        }
+        if self.repetition_penalty != 1.0 {
+            let mut seen = std::collections::BTreeSet::new();
+            for &id in context {
+                if seen.insert(id) {
+                    if let Some(v) = values.get_mut(id as usize) {
+                        *v = if *v > 0.0 { *v / self.repetition_penalty } else { *v * self.repetition_penalty };
+                    }
+                }
             }
         }
         let position = context.len();
@@ -387,6 +412,11 @@ mod tests {
         assert_eq!(k.sample_seed(0), SeedKey::new(1, 2, 3).sample_seed(0));
         assert_ne!(k.sample_seed(0), k.sample_seed(1));
         assert_ne!(k.sample_seed(0), SeedKey::new(1, 3, 3).sample_seed(0));
+        // Every seed fits a signed 64-bit integer (what servers accept), and the top half of the
+        // range is used.
+        let seeds: Vec<u64> = (0..4096).map(|i| SeedKey::new(i, 7, i / 3).sample_seed(i % 5)).collect();
+        assert!(seeds.iter().all(|&s| s <= i64::MAX as u64), "a seed above 2^63 - 1");
+        assert!(seeds.iter().any(|&s| s > 1u64 << 62));
         assert_eq!(uniform_at(5, 10), uniform_at(5, 10));
         assert_ne!(uniform_at(5, 10), uniform_at(5, 11));
     }

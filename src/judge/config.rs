@@ -154,7 +154,11 @@ impl JudgeConfig {
         let o = &self.openai;
         let k = |s: &str| format!("{key}.openai.{s}");
         if self.kind == JudgeKind::Openai {
-            if !(o.base_url.starts_with("http://") || o.base_url.starts_with("https://")) {
+            let creds = reqwest::Url::parse(&o.base_url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some());
+            if creds {
+                // A URL is printed in logs and errors; a key belongs in api_key_env.
+                p.push(&k("base_url"), "must not carry credentials (user:password@); put the key in the environment variable named by api_key_env");
+            } else if !(o.base_url.starts_with("http://") || o.base_url.starts_with("https://")) {
                 p.push(&k("base_url"), format!("must start with http:// or https://, got {:?}", o.base_url));
             }
             if o.model.trim().is_empty() {

@@ -147,13 +147,20 @@ impl Labels {
     /// the mass of every token that spells a label (" A" and "A" both count), renormalised
     /// over the labels. None when no alternative is a label.
     pub fn probs_from_top(&self, top: &[(String, f64)]) -> Option<LabelProbs> {
-        let mut mass = [0.0f64; 3];
+        // Relative to the largest label log-prob, so no exp overflows: a server may send a
+        // log-prob above 0 (a broken reply, or raw logits), and exp(710) is inf, inf / inf NaN.
+        let mut labelled: Vec<(usize, f64)> = Vec::new();
         for (tok, lp) in top {
             for (i, (l, _)) in self.iter().into_iter().enumerate() {
                 if Self::matches(l, tok) && lp.is_finite() {
-                    mass[i] += lp.exp();
+                    labelled.push((i, *lp));
                 }
             }
+        }
+        let top_lp = labelled.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
+        let mut mass = [0.0f64; 3];
+        for (i, lp) in labelled {
+            mass[i] += (lp - top_lp).exp();
         }
         let z: f64 = mass.iter().sum();
         (z > 0.0).then(|| LabelProbs { first: mass[0] / z, second: mass[1] / z, tie: mass[2] / z })
@@ -277,6 +284,10 @@ mod tests {
         let p = l.probs_from_top(&top).unwrap();
         assert!((p.first - 0.75).abs() < 1e-12 && (p.second - 0.25).abs() < 1e-12 && p.tie == 0.0);
         assert_eq!(l.probs_from_top(&[("The".into(), -0.1)]), None);
+        // Log-probs past exp's range (a broken server) give probabilities, not NaN.
+        let p = l.probs_from_top(&[("A".into(), 800.0), ("B".into(), 799.0), ("C".into(), -1e308)]).unwrap();
+        assert!(p.first.is_finite() && p.second.is_finite() && p.tie.is_finite(), "{p:?}");
+        assert!((p.first - 1.0 / (1.0 + (-1f64).exp())).abs() < 1e-12, "{p:?}");
         assert_eq!(verdict_from_probs(&p, 0.0), Verdict::First);
         assert_eq!(verdict_from_probs(&p, 0.6), Verdict::Tie);
         let s = softmax3([1.0, 2.0, 0.0]);

@@ -13,6 +13,15 @@
 //! itself (what [`crate::engine::SeedKey::sample_seed`] gives the embedded engine), so a client
 //! sending `key.sample_seed(i)` gets exactly the embedded engine's sample `i`.
 //!
+//! What the real servers do that a client must cope with, reproduced: seeds above 2^63 - 1 are a
+//! 400 (vLLM's pydantic check); prompt plus `max_tokens` beyond the model's context is a 400;
+//! sampling fields left out take the model's `generation_config.json` values (a repetition
+//! penalty there is applied); a LoRA name loaded again from the same path serves what was
+//! computed the first time (vLLM keys its prefix cache by adapter name and path, and unloading
+//! does not drop it); LoRA replies are plain text (vLLM) or `{"success": ..}` (SGLang); SGLang
+//! stamps every reply with `meta_info.weight_version` ("default" at start-up, replaced by
+//! `/update_weights_from_disk`'s `weight_version`).
+//!
 //! The server is stricter than the real ones: every field the pool client always sends is
 //! required, and unknown fields are a 400, so a misspelt field fails a test instead of silently
 //! taking the server's default.
@@ -134,6 +143,25 @@ struct Limits {
     max_len: usize,
 }
 
+/// Sampling defaults a server takes from the model's `generation_config.json` for fields a
+/// request leaves out.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct GenDefaults {
+    pub repetition_penalty: f64,
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
+}
+
+fn read_gen_defaults(dir: &Path) -> GenDefaults {
+    let v: Value = std::fs::read(dir.join("generation_config.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let get = |k: &str, d: f64| v.get(k).and_then(Value::as_f64).unwrap_or(d);
+    GenDefaults {
+        repetition_penalty: get("repetition_penalty", 1.0),
+        presence_penalty: get("presence_penalty", 0.0),
+        frequency_penalty: get("frequency_penalty", 0.0),
+    }
+}
+
 fn read_limits(dir: &Path) -> Result<Limits> {
     let p = dir.join("config.json");
     let v: Value = serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)
@@ -167,8 +195,14 @@ struct Shared {
     tokenizer: tokenizers::Tokenizer,
     /// End-of-sequence ids (config.json and generation_config.json).
     eos: Vec<u32>,
+    gen_defaults: GenDefaults,
+    /// SGLang's `weight_version` of the weights served now.
+    weight_version: Mutex<String>,
     base: Mutex<Arc<Served>>,
     adapters: Mutex<BTreeMap<String, Arc<Served>>>,
+    /// Every adapter ever loaded, by (name, path): vLLM's prefix cache outlives an unload.
+    lora_cache: Mutex<BTreeMap<(String, String), Arc<Served>>>,
+    push_delay: Mutex<Duration>,
     /// One push at a time, so two loads of one name cannot both succeed.
     push_lock: tokio::sync::Mutex<()>,
     fail_pushes: AtomicBool,
@@ -225,8 +259,12 @@ impl PoolServer {
             limits,
             tokenizer,
             eos: eos_ids(&opts.model_dir),
+            gen_defaults: read_gen_defaults(&opts.model_dir),
+            weight_version: Mutex::new("default".into()),
             base: Mutex::new(Arc::new(base)),
             adapters: Mutex::new(BTreeMap::new()),
+            lora_cache: Mutex::new(BTreeMap::new()),
+            push_delay: Mutex::new(Duration::ZERO),
             push_lock: tokio::sync::Mutex::new(()),
             fail_pushes: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
@@ -296,6 +334,16 @@ impl PoolServer {
     /// Every generation request waits this long before it is served (a slow server).
     pub fn set_delay(&self, per_request: Duration) {
         *self.shared.delay.lock().unwrap() = per_request;
+    }
+
+    /// Every adapter load and full-weight update waits this long first (a slow shared disk).
+    pub fn set_push_delay(&self, delay: Duration) {
+        *self.shared.push_delay.lock().unwrap() = delay;
+    }
+
+    /// SGLang's weight version of what it serves now ("default" at start-up).
+    pub fn weight_version(&self) -> String {
+        self.shared.weight_version.lock().unwrap().clone()
     }
 
     /// `Some(n)`: the server dies (as [`PoolServer::kill`]) when the n-th generation request
@@ -419,7 +467,16 @@ impl Shared {
             self.pushes_failed.fetch_add(1, Ordering::SeqCst);
             return Err(PushError::Injected);
         }
-        let result = self.merge_and_load(name, path).await;
+        self.push_wait().await;
+        let key = (name.to_string(), path.to_string());
+        let cached = self.lora_cache.lock().unwrap().get(&key).cloned();
+        let result = match cached {
+            Some(served) => Ok(served),
+            None => self.merge_and_load(name, path).await,
+        };
+        if let Ok(served) = &result {
+            self.lora_cache.lock().unwrap().insert(key, served.clone());
+        }
         match &result {
             Ok(served) => {
                 self.adapters.lock().unwrap().insert(name.to_string(), served.clone());
@@ -444,6 +501,13 @@ impl Shared {
         Ok(Arc::new(Served { engine, source: PathBuf::from(path), _merged: Some(dir) }))
     }
 
+    async fn push_wait(&self) {
+        let d = *self.push_delay.lock().unwrap();
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+    }
+
     fn unload_adapter(&self, name: &str) -> bool {
         let removed = self.adapters.lock().unwrap().remove(name).is_some();
         if removed {
@@ -456,6 +520,7 @@ impl Shared {
     /// model only once it loaded (requests in flight finish on the old one).
     async fn update_base(&self, path: &str) -> Result<()> {
         let _one = self.push_lock.lock().await;
+        self.push_wait().await;
         let result = async {
             anyhow::ensure!(!self.fail_pushes.load(Ordering::SeqCst), "injected push failure");
             let dir = PathBuf::from(path);

@@ -33,8 +33,8 @@ use crate::checkpoint::{Checkpoints, Retention};
 use crate::config::Config;
 use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
-use crate::engine::remote::PoolShort;
-use crate::engine::{ChatMessage, Engine, Role, Rollout};
+use crate::engine::remote::{PoolShort, RemoteEngine, ServerStats};
+use crate::engine::{Backend, ChatMessage, Engine, Role, Rollout};
 use crate::judge::Judge;
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
@@ -155,6 +155,8 @@ pub struct Trainer {
     run: RunDir,
     hash: String,
     engine: Arc<dyn Engine>,
+    /// The same engine when it is a remote pool, for its per-server metrics.
+    pool: Option<Arc<RemoteEngine>>,
     judge: Arc<dyn Judge>,
     learner: Option<Learner>,
     curriculum: Curriculum,
@@ -164,6 +166,9 @@ pub struct Trainer {
     served: Served,
     /// One-step-off: the next step's rollouts, generated and judged during the last step.
     pending: Option<Pending>,
+    /// A remote pool's servers at the end of the last step (or at the engine's start): each
+    /// step's `pool/<i>/...` metrics are the growth since.
+    pool_before: Vec<ServerStats>,
     /// Steps completed, and whether the learner changed since the last sync.
     step: u64,
     dirty: bool,
@@ -230,6 +235,16 @@ impl Trainer {
         }
         self.bars.steps.finish();
         Ok(Ended::Completed { step: self.step, run_dir: self.run.root.clone() })
+    }
+
+    /// A remote pool's servers now (cumulative counts); empty with the embedded engine.
+    fn pool_stats(&self) -> Vec<ServerStats> {
+        self.pool.as_ref().map(|p| p.pool_stats()).unwrap_or_default()
+    }
+
+    /// The version a remote pool's new generations use.
+    fn pool_serving(&self) -> String {
+        self.pool.as_ref().map(|p| p.serving()).unwrap_or_default()
     }
 
     async fn interrupted(&mut self) -> Result<Ended> {
@@ -432,6 +447,7 @@ impl Trainer {
         (record.t_generate, record.t_judge_tail, record.t_learn, record.t_overlap) = (t_generate, t_judge_tail, t_learn, t_overlap);
         (record.t_sync, record.sync_bytes) = (t_sync, sync_bytes);
         record.learn_tokens_per_s = update.as_ref().map(|u| u.tokens as f64 / t_learn.max(1e-9));
+        record.pool = record::pool_metrics(&self.pool_before, &self.pool_stats(), &self.pool_serving(), t_generate);
 
         let last = step == self.cfg.run.steps;
         let want_save = step % self.cfg.run.save_every == 0 || last || gave_up.is_some() || pool_short.is_some() || self.stop.load(Ordering::SeqCst);
@@ -442,6 +458,26 @@ impl Trainer {
             t_checkpoint = self.save(Some(saved)).await?;
             record.t_checkpoint = Some(t_checkpoint);
         }
+        // The run's last step: a pool gets its weights when no sync sent them (one-step-off
+        // syncs a step only once the next step's rollouts exist; `sync_every` may not divide
+        // the step). After the checkpoint, which keeps the weights the engine served before: a
+        // run resumed with more steps generates its next step on those, as one that never
+        // stopped would. The embedded engine ends with this process: nothing to send it.
+        if last && self.dirty && self.cfg.engine.backend == Backend::Remote {
+            match self.sync_engine(step).await {
+                Ok((s, b)) => {
+                    (t_sync, sync_bytes) = (t_sync + s, sync_bytes + b);
+                    (record.t_sync, record.sync_bytes) = (t_sync, sync_bytes);
+                    self.bars.log(format!("step {step}'s weights pushed to the pool ({s:.1}s)"));
+                }
+                Err(e) => self.bars.log(format!(
+                    "warning: pushing step {step}'s weights to the pool failed: {e:#}; they are in the checkpoint (`orchestrator export` writes them)"
+                )),
+            }
+        }
+        let pool_now = self.pool_stats();
+        record.pool = record::pool_metrics(&self.pool_before, &pool_now, &self.pool_serving(), t_generate);
+        self.pool_before = pool_now;
         record.t_step = t_step.elapsed().as_secs_f64();
         record.t_other = (record.t_step - t_generate - t_judge_tail - (t_learn - t_overlap) - t_sync - t_checkpoint).max(0.0);
         self.metrics.write(&record)?;

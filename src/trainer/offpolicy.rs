@@ -89,8 +89,39 @@ fn bits_to_floats(v: Value) -> Result<Value> {
 }
 
 impl Pending {
+    /// The bytes of `pending.json`. Refuses what could not be read back: JSON has no NaN or
+    /// infinity (serde writes them as null), so every value is checked and the bytes are read
+    /// back before anything is written.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        Ok(serde_json::to_vec(&floats_to_bits(serde_json::to_value(self)?))?)
+        self.check_values().context("refusing to write pending.json")?;
+        let bytes = serde_json::to_vec(&floats_to_bits(serde_json::to_value(self)?))?;
+        let back = bits_to_floats(serde_json::from_slice(&bytes)?)
+            .and_then(|v| Ok(serde_json::from_value::<Pending>(v)?))
+            .context("refusing to write pending.json: it would not read back (a non-finite number?)")?;
+        back.check_values().context("refusing to write pending.json: it reads back changed")?;
+        Ok(bytes)
+    }
+
+    /// Every rollout whole and every number finite; a scored rollout has ids to train on.
+    fn check_values(&self) -> Result<()> {
+        if !self.t_generate.is_finite() || !self.t_judge_tail.is_finite() {
+            bail!("non-finite timings");
+        }
+        for (pi, group) in self.groups.iter().enumerate() {
+            for j in group {
+                let r = &j.rollout;
+                if r.ids.len() != r.logprobs.len() {
+                    bail!("prompt {pi}: a rollout with {} ids and {} log-probs", r.ids.len(), r.logprobs.len());
+                }
+                if r.logprobs.iter().any(|l| !l.is_finite()) || j.reward.reward.is_some_and(|x| !x.is_finite()) {
+                    bail!("prompt {pi}: a non-finite log-prob or reward");
+                }
+                if j.reward.reward.is_some() && r.ids.is_empty() {
+                    bail!("prompt {pi}: a scored rollout without token ids");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads `dir/pending.json` and checks it against the step and tasks it must belong to.
@@ -122,23 +153,63 @@ impl Pending {
                 Some(t) if &t.id == id => {}
                 _ => bail!("prompt {pi}: task {id:?} is no longer task #{ti} of the task file (was data.tasks changed?)"),
             }
-            for j in &self.groups[pi] {
-                let r = &j.rollout;
-                if r.request != pi || r.ids.len() != r.logprobs.len() {
-                    bail!("prompt {pi}: a rollout of request {} with {} ids and {} log-probs", r.request, r.ids.len(), r.logprobs.len());
-                }
-                if r.logprobs.iter().any(|l| !l.is_finite()) || j.reward.reward.is_some_and(|x| !x.is_finite()) {
-                    bail!("prompt {pi}: a non-finite log-prob or reward");
-                }
+            if let Some(r) = self.groups[pi].iter().find(|j| j.rollout.request != pi) {
+                bail!("prompt {pi}: a rollout of request {}", r.rollout.request);
             }
         }
-        Ok(())
+        self.check_values()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{FinishReason, Rollout};
+    use crate::judge::{JudgeOutput, Judgement, LabelProbs, Verdict};
+    use crate::reward::{JudgeCall, Outcome, RewardOutcome};
+
+    fn pending(logprob: f32, reward: Option<f64>, prob: f64, ids: Vec<u32>) -> Pending {
+        let n = ids.len();
+        let rollout = Rollout { request: 0, sample: 0, prompt_ids: vec![1, 2], ids, logprobs: vec![logprob; n], finish_reason: FinishReason::Stop, text: "x".into() };
+        let output = JudgeOutput {
+            judgement: Judgement::Scored { verdict: Verdict::First, probs: Some(LabelProbs { first: prob, second: 0.25, tie: 0.0 }) },
+            raw: "A".into(),
+            latency_ms: 3,
+            retries: 0,
+        };
+        let call = JudgeCall { response_first: true, output, outcome: Some(Outcome::Win) };
+        let reward = RewardOutcome { calls: vec![call], outcome: Some(Outcome::Win), reward, soft: false, unscored_reason: None, consistent: None };
+        Pending {
+            step: 2,
+            epoch: 0,
+            batch: vec![0],
+            task_ids: vec!["t".into()],
+            levels: vec![0],
+            generated_by: 1,
+            t_generate: 1.0,
+            t_judge_tail: 0.5,
+            groups: vec![vec![Judged { rollout, reward }]],
+        }
+    }
+
+    /// JSON has no NaN: encoding one would write a checkpoint no resume can read.
+    #[test]
+    fn pending_with_a_non_finite_value_or_an_empty_scored_rollout_is_never_written() {
+        let good = pending(-0.5, Some(1.0), 0.75, vec![5, 6]);
+        let bytes = good.encode().unwrap();
+        let back = bits_to_floats(serde_json::from_slice(&bytes).unwrap()).unwrap();
+        assert_eq!(serde_json::from_value::<Pending>(back).unwrap().groups[0][0].rollout.logprobs, vec![-0.5, -0.5]);
+        let cases = [
+            (pending(f32::NEG_INFINITY, Some(1.0), 0.75, vec![5]), "non-finite log-prob"),
+            (pending(-0.5, Some(f64::NAN), 0.75, vec![5]), "non-finite log-prob or reward"),
+            (pending(-0.5, Some(1.0), f64::NAN, vec![5]), "would not read back"),
+            (pending(-0.5, Some(1.0), 0.75, vec![]), "without token ids"),
+        ];
+        for (p, want) in cases {
+            let e = format!("{:#}", p.encode().unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
+    }
 
     #[test]
     fn floats_survive_by_their_bits() {

@@ -1,15 +1,18 @@
 //! What a step leaves behind: one `metrics.jsonl` line and one `samples/step-NNNNNN.jsonl` file.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::offpolicy::Pending;
 use crate::config::Config;
 use crate::curriculum::CurriculumMetrics;
 use crate::data::Task;
+use crate::engine::remote::ServerStats;
 use crate::engine::FinishReason;
 use crate::learner::UpdateStats;
 use crate::reward::RewardStats;
@@ -100,6 +103,44 @@ pub struct StepRecord {
     /// one-step-off.
     #[serde(default)]
     pub off_policy_steps: u64,
+    /// A remote pool's servers over the step (`engine.backend = "remote"` only; no keys
+    /// otherwise), server `i` as `engine.remote.servers[i]`: `pool/<i>/requests` (generation
+    /// requests, one per sample), `pool/<i>/generated_tokens`, `pool/<i>/tok_per_s` (its tokens
+    /// over the step's `t_generate`, so the servers' rates add up to about `gen_tokens_per_s`;
+    /// null without generation), `pool/<i>/failures` (prompt groups that failed on it, each
+    /// ejecting it), `pool/<i>/refused` (groups it refused as bad requests), `pool/<i>/ejections`,
+    /// and at the step's end `pool/<i>/healthy` (1 or 0) and `pool/<i>/serving` (the version it
+    /// generates with; "" while ejected).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pool: BTreeMap<String, Value>,
+}
+
+/// The `pool/<i>/...` fields of a step (see [`StepRecord::pool`]): each counter's growth from
+/// `before` (the servers at the previous step's end, or at the engine's start) to `now`,
+/// tokens/s over `gen_secs` seconds of generation, and `serving` (the version new generations
+/// use) for each healthy server. Empty without a pool.
+pub fn pool_metrics(before: &[ServerStats], now: &[ServerStats], serving: &str, gen_secs: f64) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    let zero = ServerStats::default();
+    for (i, s) in now.iter().enumerate() {
+        let b = before.get(i).filter(|b| b.url == s.url).unwrap_or(&zero);
+        let tokens = s.generated_tokens.saturating_sub(b.generated_tokens);
+        let tok_per_s = if gen_secs > 0.0 { serde_json::json!(tokens as f64 / gen_secs) } else { Value::Null };
+        let fields = [
+            ("requests", serde_json::json!(s.requests.saturating_sub(b.requests))),
+            ("generated_tokens", serde_json::json!(tokens)),
+            ("tok_per_s", tok_per_s),
+            ("failures", serde_json::json!(s.failures.saturating_sub(b.failures))),
+            ("refused", serde_json::json!(s.refused.saturating_sub(b.refused))),
+            ("ejections", serde_json::json!(s.ejections.saturating_sub(b.ejections))),
+            ("healthy", serde_json::json!(u8::from(s.healthy))),
+            ("serving", Value::String(if s.healthy { serving.to_string() } else { String::new() })),
+        ];
+        for (k, v) in fields {
+            out.insert(format!("pool/{i}/{k}"), v);
+        }
+    }
+    out
 }
 
 /// One judge call as the samples log shows it.
@@ -290,5 +331,44 @@ pub(super) fn step_record(
         t_step: 0.0,
         sync_bytes: 0,
         off_policy_steps: (step - 1).saturating_sub(own.generated_by),
+        pool: BTreeMap::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(url: &str, healthy: bool, requests: u64, tokens: u64, failures: u64, ejections: u64) -> ServerStats {
+        ServerStats { url: url.into(), healthy, requests, generated_tokens: tokens, failures, ejections, ..ServerStats::default() }
+    }
+
+    #[test]
+    fn pool_metrics_are_each_steps_growth_and_survive_the_metrics_line() {
+        let before = vec![server("http://a", true, 4, 40, 0, 0), server("http://b", true, 2, 10, 1, 0)];
+        let mut now = vec![server("http://a", true, 10, 100, 0, 0), server("http://b", false, 3, 10, 3, 1)];
+        now[0].refused = 2;
+        let m = pool_metrics(&before, &now, "policy-v000002-abc", 2.0);
+        let want = serde_json::json!({
+            "pool/0/requests": 6, "pool/0/generated_tokens": 60, "pool/0/tok_per_s": 30.0, "pool/0/failures": 0,
+            "pool/0/refused": 2, "pool/0/ejections": 0, "pool/0/healthy": 1, "pool/0/serving": "policy-v000002-abc",
+            "pool/1/requests": 1, "pool/1/generated_tokens": 0, "pool/1/tok_per_s": 0.0, "pool/1/failures": 2,
+            "pool/1/refused": 0, "pool/1/ejections": 1, "pool/1/healthy": 0, "pool/1/serving": "",
+        });
+        assert_eq!(serde_json::to_value(&m).unwrap(), want);
+        // No generation this step: no rate. The first step counts from nothing.
+        assert_eq!(pool_metrics(&before, &now, "v", 0.0)["pool/0/tok_per_s"], Value::Null);
+        assert_eq!(pool_metrics(&[], &now, "v", 1.0)["pool/0/requests"], 10);
+        assert!(pool_metrics(&[], &[], "v", 1.0).is_empty(), "no pool, no keys");
+
+        // Flat in the metrics line; read back (a resume's last line, a checkpoint's record) whole.
+        let r = StepRecord { step: 3, pool: m, ..StepRecord::default() };
+        let line = serde_json::to_value(&r).unwrap();
+        assert_eq!(line["pool/0/requests"], 6);
+        assert_eq!(line["pool/1/serving"], "");
+        assert_eq!(serde_json::from_value::<StepRecord>(line).unwrap(), r);
+        let plain = serde_json::to_value(StepRecord::default()).unwrap();
+        assert!(plain.as_object().unwrap().keys().all(|k| !k.starts_with("pool/")));
+        assert_eq!(serde_json::from_value::<StepRecord>(plain).unwrap(), StepRecord::default());
     }
 }

@@ -83,19 +83,21 @@ impl Trainer {
             Served { path: dir, step: served_step, owned: true }
         };
         let t0 = Instant::now();
-        let engine: Arc<dyn Engine> = match cfg.engine.backend {
+        let (engine, pool): (Arc<dyn Engine>, _) = match cfg.engine.backend {
             Backend::Embedded => {
                 let mut model = cfg.model.clone();
                 model.path = served.path.clone();
-                Arc::new(MistralEngine::load(&model, &cfg.engine).await?)
+                (Arc::new(MistralEngine::load(&model, &cfg.engine).await?), None)
             }
             Backend::Remote => {
                 let pushed = served.owned.then(|| (served.step, served.path.clone()));
-                Arc::new(RemoteEngine::connect(&cfg.engine.remote, &cfg.model.path, pushed).await?)
+                let pool = Arc::new(RemoteEngine::connect(&cfg.engine.remote, &cfg.model.path, pushed).await?);
+                (pool.clone(), Some(pool))
             }
         };
         eprintln!("engine ready in {:.1}s ({})", t0.elapsed().as_secs_f64(), served.path.display());
 
+        let pool_before = pool.as_ref().map(|p| p.pool_stats()).unwrap_or_default();
         let metrics = MetricsWriter::open(&run.metrics(), Some(step))?;
         let checkpoints = Checkpoints::open(run.checkpoints())?;
         let mut trainer = Self {
@@ -105,6 +107,7 @@ impl Trainer {
             run,
             hash,
             engine,
+            pool,
             judge,
             learner,
             curriculum,
@@ -113,6 +116,7 @@ impl Trainer {
             metrics,
             served,
             pending: None,
+            pool_before,
             step,
             dirty,
             last_saved: step,

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use orchestrator::config::Config;
+use orchestrator::engine::EngineConfig;
+use orchestrator::testkit::pool::{Dialect, PoolServer, PoolServerOptions};
 use orchestrator::testkit::tiny::TinySpec;
 
 static INIT: Once = Once::new();
@@ -117,4 +119,66 @@ pub fn assert_secret_in_no_file(dir: &Path, secret: &str) -> usize {
         assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "key found in {}", f.display());
     }
     files.len()
+}
+
+/// The set-up venv's Python (scripts/setup.sh installs tensorboard there).
+pub fn venv_python() -> PathBuf {
+    let venv = match (std::env::var_os("ORCHESTRATOR_VENV"), std::env::var_os("ORCHESTRATOR_CACHE")) {
+        (Some(v), _) => PathBuf::from(v),
+        (None, Some(c)) => PathBuf::from(c).join("venv"),
+        (None, None) => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/orchestrator/venv"),
+    };
+    let py = venv.join("bin/python");
+    assert!(py.is_file(), "{} missing: run scripts/setup.sh", py.display());
+    py
+}
+
+/// scripts/check_tensorboard.py on `run_dir`: (exit code, output).
+pub fn check_tensorboard(run_dir: &Path) -> (i32, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_tensorboard.py");
+    let out = std::process::Command::new(venv_python()).arg(script).arg(run_dir).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `n` loopback pool servers of `dialect` serving `model` as `served`, each generating with a
+/// serial engine (so their rollouts are exactly the embedded serial engine's).
+pub async fn pool_of(dialect: Dialect, model: &Path, served: &str, n: usize) -> Vec<PoolServer> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let opts = PoolServerOptions { engine: EngineConfig { serial: true, ..EngineConfig::default() }, ..PoolServerOptions::new(dialect, model, served) };
+        v.push(PoolServer::start(opts).await.expect("pool server starts"));
+    }
+    v
+}
+
+/// Rewrites the config file at `path` (one of [`RunSetup::config`]) to generate on a remote pool:
+/// `backend = "remote"` in `[engine]` and an `[engine.remote]` section of `kind` ("vllm" or
+/// "sglang") on `servers` (base URLs) serving `served`, with `extra` lines of that section.
+pub fn use_pool(path: &Path, servers: &[String], kind: &str, served: &str, extra: &str) {
+    let urls: Vec<String> = servers.iter().map(|u| format!("{u:?}")).collect();
+    let section = format!("\n[engine.remote]\nkind = \"{kind}\"\nservers = [{}]\nmodel = \"{served}\"\n{extra}\n", urls.join(", "));
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains("[engine]\n"), "{}: no [engine] section", path.display());
+    std::fs::write(path, text.replacen("[engine]\n", "[engine]\nbackend = \"remote\"\n", 1) + &section).unwrap();
+}
+
+/// The orchestrator binary with `args` (and `env` added), stdout and stderr captured, killed
+/// if the test drops it.
+pub fn spawn_bin(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn orchestrator")
+}
+
+/// Waits (at most 300 s) for a child of [`spawn_bin`]: (exit code, stdout, stderr).
+pub async fn finish_bin(child: tokio::process::Child) -> (i32, String, String) {
+    let out = tokio::time::timeout(std::time::Duration::from_secs(300), child.wait_with_output()).await.expect("the command finishes").unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
 }

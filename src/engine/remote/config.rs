@@ -50,8 +50,18 @@ pub struct RemoteConfig {
     /// handed out only while a server has room, so a slow server gets fewer of them.
     pub max_in_flight_per_server: usize,
     pub connect_timeout_secs: f64,
-    /// One generation request (one sample) or weight push, start to end.
+    /// One generation request (one sample), start to end.
     pub request_timeout_secs: f64,
+    /// One weight push (adapter load or unload, full-weight update) on one server, start to
+    /// end; a server that takes longer is ejected (and a readmission gives up), so a stuck
+    /// server never holds up the pushes to the others.
+    pub push_timeout_secs: f64,
+    /// The servers' `--max-loras` (vLLM), for `check` to compare with the LoRA versions a run
+    /// keeps loaded at once; 0 = not stated.
+    pub max_loras: usize,
+    /// The base model's directory as the servers see it (`weight_push = "disk"`: a run starting
+    /// from step 0 first resets every server to it); empty = `model.path`.
+    pub base_path: PathBuf,
     pub weight_push: WeightPush,
     /// Where pushed weights are written: a path every server can read (shared storage) under the
     /// same name. One run per directory.
@@ -75,6 +85,9 @@ impl Default for RemoteConfig {
             max_in_flight_per_server: 64,
             connect_timeout_secs: 10.0,
             request_timeout_secs: 1800.0,
+            push_timeout_secs: 600.0,
+            max_loras: 0,
+            base_path: PathBuf::new(),
             weight_push: WeightPush::Lora,
             export_dir: PathBuf::new(),
             max_group_retries: 3,
@@ -92,6 +105,11 @@ impl RemoteConfig {
         }
         for (i, s) in self.servers.iter().enumerate() {
             match reqwest::Url::parse(s) {
+                // Credentials in a URL end up in every log line and error that names the server.
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => p.push(
+                    &format!("{key}.servers[{i}]"),
+                    "must not carry credentials (user:password@); put the key in an environment variable and name it in api_key_env",
+                ),
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
                 _ => p.push(&format!("{key}.servers[{i}]"), format!("must be an http(s) base URL like \"http://host:8000\", got {s:?}")),
             }
@@ -116,6 +134,7 @@ impl RemoteConfig {
         }
         p.seconds(&format!("{key}.connect_timeout_secs"), self.connect_timeout_secs, 0.001);
         p.seconds(&format!("{key}.request_timeout_secs"), self.request_timeout_secs, 0.001);
+        p.seconds(&format!("{key}.push_timeout_secs"), self.push_timeout_secs, 0.001);
         p.seconds(&format!("{key}.probe_interval_secs"), self.probe_interval_secs, 0.01);
         p.open_closed(&format!("{key}.min_groups_share"), self.min_groups_share, 0.0, 1.0);
         match self.weight_push {
@@ -131,6 +150,37 @@ impl RemoteConfig {
         }
         if self.weight_push != WeightPush::None && self.export_dir.as_os_str().is_empty() {
             p.push(&format!("{key}.export_dir"), "must be set: a directory every server can read, where pushed weights are written");
+        }
+    }
+}
+
+impl RemoteConfig {
+    /// LoRA versions a vLLM server holds at once: the one generating, the one being loaded
+    /// and, one step off, the previous one still finishing the rollouts it started.
+    pub fn lora_versions_in_flight(one_step_off: bool) -> usize {
+        if one_step_off {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// `check`'s warning when the servers' `--max-loras` (as stated in `max_loras`) cannot hold
+    /// the versions a run keeps loaded.
+    pub fn max_loras_warning(&self, key: &str, one_step_off: bool) -> Option<String> {
+        if self.kind != RemoteKind::Vllm || self.weight_push != WeightPush::Lora {
+            return None;
+        }
+        let need = Self::lora_versions_in_flight(one_step_off);
+        let why = if one_step_off { "one-step-off keeps the current, the previous and the loading version" } else { "a push loads the new version while the current one still generates" };
+        match self.max_loras {
+            0 => Some(format!(
+                "{key}.max_loras is not set: start vLLM with --max-loras >= {need} ({why}) and state it here so check can verify it"
+            )),
+            n if n < need => Some(format!(
+                "{key}.max_loras = {n}: vLLM evicts and reloads adapters with fewer than {need} slots ({why}); start it with --max-loras >= {need}"
+            )),
+            _ => None,
         }
     }
 }
@@ -168,6 +218,9 @@ mod tests {
         let cases: Vec<(RemoteConfig, bool, &str, &str)> = vec![
             (RemoteConfig { servers: vec![], ..good() }, true, "engine.remote.servers:", "at least one"),
             (RemoteConfig { servers: vec!["localhost:8000".into()], ..good() }, true, "engine.remote.servers[0]:", "http(s) base URL"),
+            (RemoteConfig { servers: vec!["http://user:secret@127.0.0.1:8000".into()], ..good() }, true, "engine.remote.servers[0]:", "credentials"),
+            (RemoteConfig { servers: vec!["http://token@127.0.0.1:8000".into()], ..good() }, true, "engine.remote.servers[0]:", "credentials"),
+            (RemoteConfig { push_timeout_secs: -1.0, ..good() }, true, "engine.remote.push_timeout_secs:", "duration"),
             (RemoteConfig { servers: vec!["http://a:1".into(), "http://a:1/".into()], ..good() }, true, "engine.remote.servers:", "listed twice"),
             (RemoteConfig { model: " ".into(), ..good() }, true, "engine.remote.model:", "--served-model-name"),
             (RemoteConfig { model: "policy-v000001".into(), ..good() }, true, "engine.remote.model:", "pushed versions"),
@@ -185,6 +238,18 @@ mod tests {
             let p = problems(&c, lora);
             assert_eq!(p.len(), 1, "{c:?}: {p:?}");
             assert!(p[0].starts_with(key) && p[0].contains(msg), "{p:?} lacks {key} {msg}");
+            assert!(!p[0].contains("secret"), "a problem repeats the password: {p:?}");
         }
+    }
+
+    #[test]
+    fn max_loras_must_cover_the_versions_in_flight() {
+        let c = |n| RemoteConfig { max_loras: n, ..good() };
+        assert!(c(0).max_loras_warning("engine.remote", false).unwrap().contains("--max-loras >= 2"));
+        assert!(c(2).max_loras_warning("engine.remote", false).is_none());
+        assert!(c(2).max_loras_warning("engine.remote", true).unwrap().contains("max_loras = 2"));
+        assert!(c(3).max_loras_warning("engine.remote", true).is_none());
+        let sglang = RemoteConfig { kind: RemoteKind::Sglang, ..c(0) };
+        assert!(sglang.max_loras_warning("engine.remote", true).is_none());
     }
 }

@@ -6,14 +6,25 @@
 //! has room. A server that fails (connection, timeout, 5xx, a reply that does not check out) is
 //! ejected and its groups are sent elsewhere, up to `max_group_retries` times each; a group
 //! that cannot be generated comes back as canceled rollouts (never judged, never trained on),
-//! and a step with fewer than `min_groups_share` of its groups is a [`PoolShort`] error.
-//! Ejected servers are probed (`/health`) in the background and get the current weights
-//! before they are admitted again.
+//! and a step with fewer than `min_groups_share` of its groups is a [`PoolShort`] error. A
+//! reply about the request itself (HTTP 400/404/413/422: a prompt longer than the server's
+//! context, a field it rejects) fails that group alone: it would fail on any server, so it is
+//! not retried and the server stays in; it does not count against `min_groups_share`, but a
+//! step whose every group was refused is an error. Ejected servers are probed (`/health`) in
+//! the background and get the current weights before they are admitted again; adapters they
+//! held from before are unloaded then.
 //!
-//! Weights are pushed as versions named `policy-vNNNNNN` (the learner step): to every healthy
-//! server in parallel; generations switch to a version only once every healthy server has
-//! acknowledged it, and a server whose push failed is ejected (never left serving old
-//! weights). A LoRA version nothing is generating with any more is unloaded.
+//! Weights are pushed as versions named `policy-vNNNNNN-<hash>` (the learner step and, for a
+//! LoRA adapter, a hash of its files): vLLM keys its prefix cache by adapter name and path and
+//! keeps it past an unload, so a name is never reused for other weights (a new run in the same
+//! `export_dir`, a step redone after a crash). Pushes go to every healthy server in parallel,
+//! each bounded by `push_timeout_secs`; generations switch to a version only once every healthy
+//! server has acknowledged it, and a server whose push failed is ejected (never left serving
+//! old weights). A LoRA version nothing is generating with any more is unloaded. With
+//! `weight_push = "disk"` (SGLang) every push names its version as `weight_version` and every
+//! reply's `meta_info.weight_version` is checked against it, so a server that restarted with
+//! its start-up weights is caught and given the current ones; a run that starts from the base
+//! model first resets every server to it.
 
 pub mod config;
 pub mod pool;
@@ -26,22 +37,49 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use async_trait::async_trait;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 
 pub use config::{RemoteConfig, RemoteKind, WeightPush, VERSION_PREFIX};
-use pool::Pool;
+pub use pool::{Refused, ServerStats};
+use pool::{Outstanding, Pool};
 use prompt::PromptTemplate;
 use wire::PushReply;
 
 use super::{Engine, GenRequest, Rollout, SamplingConfig, WeightFormat};
 use crate::engine::FinishReason;
 
-/// The version name of the learner's weights after `step` steps.
+/// The version name of the learner's weights after `step` steps (the export directory's
+/// name; the servers load it under [`versioned_name`]).
 pub fn version_name(step: u64) -> String {
     format!("{VERSION_PREFIX}{step:06}")
+}
+
+/// The name a version is served under: `policy-vNNNNNN-<tag>`.
+pub fn versioned_name(step: u64, tag: &str) -> String {
+    format!("{}-{tag}", version_name(step))
+}
+
+/// The first 12 hex digits of a SHA-256 over the regular files of `dir` (names, sizes and
+/// contents, in name order): equal only for equal adapters.
+pub fn content_hash(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut h = Sha256::new();
+    for f in &files {
+        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
 }
 
 /// Fewer prompt groups arrived than `min_groups_share` asks for: the step cannot go on.
@@ -59,16 +97,40 @@ impl std::error::Error for PoolShort {}
 /// The weights new generations use.
 #[derive(Debug, Clone, PartialEq)]
 struct Version {
-    /// LoRA name to generate with; None = the base model name.
-    lora: Option<String>,
-    /// What a (re)joining server must load: (name, dir) of the adapter or the full directory.
+    /// The version's name: the LoRA name generations ask for (`weight_push = "lora"`) or the
+    /// `weight_version` every reply must carry (`"disk"`); None = the base model as started.
+    name: Option<String>,
+    /// What a (re)joining server must load: the adapter or the full directory.
     dir: Option<PathBuf>,
+    /// Whether `name` is a LoRA name (else a full-weight version or nothing).
+    lora: bool,
     step: u64,
+}
+
+impl Version {
+    fn lora(&self) -> Option<&str> {
+        if self.lora {
+            self.name.as_deref()
+        } else {
+            None
+        }
+    }
+
+    /// The `weight_version` replies must carry (full-weight pushes only).
+    fn weight_version(&self) -> Option<&str> {
+        if self.lora {
+            None
+        } else {
+            self.name.as_deref()
+        }
+    }
 }
 
 struct Shared {
     cfg: RemoteConfig,
     pool: Pool,
+    /// Tells this process's full-weight versions from any other's (SGLang `weight_version`).
+    nonce: String,
     current: Mutex<Version>,
     /// Generation calls running per LoRA name (None = base).
     inflight: Mutex<HashMap<Option<String>, usize>>,
@@ -105,48 +167,69 @@ impl Shared {
         Duration::from_secs_f64(self.cfg.connect_timeout_secs)
     }
 
-    /// Loads `v` on server `i` (nothing for the base model). An adapter name the server has
-    /// from elsewhere (an earlier process, or before it was ejected) is loaded again, since it
-    /// may hold other weights.
+    fn push_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.push_timeout_secs)
+    }
+
+    /// A weight-push call on server `i`, bounded by `push_timeout_secs`.
+    async fn push_call(&self, i: usize, path: &str, body: &serde_json::Value) -> Result<(u16, String)> {
+        self.pool.post(i, path, body, Some(self.push_timeout())).await
+    }
+
+    /// Loads `v` on server `i` (nothing for the base model as started). A name is only ever
+    /// used for one set of weights, but the server may hold it from before an ejection or from
+    /// an earlier process, possibly half loaded: it is loaded again.
     async fn push_to(&self, i: usize, v: &Version) -> Result<()> {
-        let Some(dir) = &v.dir else { return Ok(()) };
+        let (Some(dir), Some(name)) = (&v.dir, &v.name) else { return Ok(()) };
         let path = dir.to_string_lossy();
         let kind = self.cfg.kind;
-        match (&v.lora, self.cfg.weight_push) {
-            (Some(name), _) => {
-                if self.pool.servers[i].has_loaded(name) {
-                    return Ok(());
-                }
-                let (p, body) = wire::load_lora(kind, name, &path);
-                let (status, text) = self.pool.post(i, p, &body).await?;
-                match wire::push_reply(kind, status, &text) {
-                    PushReply::Ok => {}
-                    PushReply::AlreadyLoaded => {
-                        let (up, ubody) = wire::unload_lora(kind, name);
-                        let (us, ut) = self.pool.post(i, up, &ubody).await?;
-                        if let PushReply::Failed(m) = wire::push_reply(kind, us, &ut) {
-                            bail!("unloading the stale {name}: {m}");
-                        }
-                        let (status, text) = self.pool.post(i, p, &body).await?;
-                        if let PushReply::Failed(m) = wire::push_reply(kind, status, &text) {
-                            bail!("loading {name}: {m}");
-                        }
+        if v.lora {
+            if self.pool.servers[i].has_loaded(name) {
+                return Ok(());
+            }
+            let (p, body) = wire::load_lora(kind, name, &path);
+            let (status, text) = self.push_call(i, p, &body).await?;
+            match wire::push_reply(kind, status, &text) {
+                PushReply::Ok => {}
+                PushReply::AlreadyLoaded => {
+                    let (up, ubody) = wire::unload_lora(kind, name);
+                    let (us, ut) = self.push_call(i, up, &ubody).await?;
+                    if let PushReply::Failed(m) = wire::push_reply(kind, us, &ut) {
+                        bail!("unloading the stale {name}: {m}");
                     }
-                    PushReply::Failed(m) => bail!("loading {name}: {m}"),
+                    let (status, text) = self.push_call(i, p, &body).await?;
+                    if let PushReply::Failed(m) = wire::push_reply(kind, status, &text) {
+                        bail!("loading {name}: {m}");
+                    }
                 }
-                self.pool.servers[i].mark_loaded(name);
+                PushReply::Failed(m) => bail!("loading {name}: {m}"),
             }
-            (None, WeightPush::Disk) => {
-                let (p, body) = wire::update_from_disk(&path);
-                let (status, text) = self.pool.post(i, p, &body).await?;
-                match wire::push_reply(kind, status, &text) {
-                    PushReply::Ok | PushReply::AlreadyLoaded => {}
-                    PushReply::Failed(m) => bail!("update_weights_from_disk {path}: {m}"),
-                }
+            self.pool.servers[i].mark_loaded(name);
+        } else {
+            let (p, body) = wire::update_from_disk(&path, name);
+            let (status, text) = self.push_call(i, p, &body).await?;
+            match wire::push_reply(kind, status, &text) {
+                PushReply::Ok | PushReply::AlreadyLoaded => {}
+                PushReply::Failed(m) => bail!("update_weights_from_disk {path}: {m}"),
             }
-            (None, _) => {}
         }
         Ok(())
+    }
+
+    /// Unloads from server `i` the adapters it held before its ejection, but `v`'s. A name the
+    /// server no longer has (it restarted) is fine.
+    async fn unload_stale(&self, i: usize, v: &Version) {
+        for name in self.pool.servers[i].take_stale(v.lora()) {
+            let (p, body) = wire::unload_lora(self.cfg.kind, &name);
+            match self.push_call(i, p, &body).await {
+                Ok((s, t)) => match wire::push_reply(self.cfg.kind, s, &t) {
+                    PushReply::Failed(_) if s == 404 || t.contains("not loaded") || t.contains("does not exist") => {}
+                    PushReply::Failed(m) => log(format!("{}: unloading {name} (from before its ejection): {m}", self.pool.servers[i].url)),
+                    _ => {}
+                },
+                Err(e) => log(format!("{}: unloading {name} (from before its ejection): {e:#}", self.pool.servers[i].url)),
+            }
+        }
     }
 
     /// Asks server `i` whether it is up and serves our model.
@@ -163,15 +246,26 @@ impl Shared {
         Ok(())
     }
 
-    /// Probes server `i` and, if it answers, pushes the current version and admits it.
+    /// Probes server `i` and, if it answers, pushes the current version, unloads what it held
+    /// from before and admits it. The push lock is held for at most `push_timeout_secs`, so a
+    /// server that hangs in its push never holds up the trainer's next push.
     async fn try_admit(&self, i: usize) -> Result<()> {
         let epoch = self.pool.servers[i].epoch();
         self.check(i).await?;
         let _push = self.push_lock.lock().await;
         let v = lock(&self.current).clone();
-        self.push_to(i, &v).await?;
+        let pushed = tokio::time::timeout(self.push_timeout(), async {
+            self.push_to(i, &v).await?;
+            self.unload_stale(i, &v).await;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await;
+        match pushed {
+            Ok(r) => r?,
+            Err(_) => bail!("pushing the current weights took longer than engine.remote.push_timeout_secs = {}", self.cfg.push_timeout_secs),
+        }
         if self.pool.servers[i].admit(epoch) {
-            log(format!("{} admitted (serving {})", self.pool.servers[i].url, v.lora.as_deref().unwrap_or(&self.cfg.model)));
+            log(format!("{} admitted (serving {})", self.pool.servers[i].url, v.name.as_deref().unwrap_or(&self.cfg.model)));
         }
         Ok(())
     }
@@ -197,7 +291,7 @@ impl Shared {
                     continue;
                 }
                 let (p, body) = wire::unload_lora(self.cfg.kind, &name);
-                match self.pool.post(i, p, &body).await {
+                match self.push_call(i, p, &body).await {
                     Ok((s, t)) => {
                         if let PushReply::Failed(m) = wire::push_reply(self.cfg.kind, s, &t) {
                             log(format!("{}: unloading {name}: {m}", self.pool.servers[i].url));
@@ -209,6 +303,25 @@ impl Shared {
             }
         }
     }
+}
+
+/// Step `step`'s version of the weights in `dir`: a LoRA adapter is named by its content (a
+/// name the servers have cached is never given other weights); full weights by this process.
+async fn version_of(cfg: &RemoteConfig, nonce: &str, step: u64, dir: &Path) -> Result<Version> {
+    let lora = cfg.weight_push == WeightPush::Lora;
+    let tag = if lora {
+        let d = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || content_hash(&d)).await.context("hashing the adapter")??
+    } else {
+        nonce.to_string()
+    };
+    Ok(Version { name: Some(versioned_name(step, &tag)), dir: Some(dir.to_path_buf()), lora, step })
+}
+
+/// 8 hex digits unique to this process (time and pid).
+fn process_nonce() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    format!("{:08x}", crate::seed::splitmix64(t ^ ((std::process::id() as u64) << 32)) as u32)
 }
 
 /// Background readmission of ejected servers.
@@ -263,17 +376,21 @@ impl RemoteEngine {
             Duration::from_secs_f64(cfg.request_timeout_secs),
             cfg.max_in_flight_per_server,
         )?;
-        let current = match served {
-            Some((step, dir)) if cfg.weight_push != WeightPush::None => Version {
-                lora: (cfg.weight_push == WeightPush::Lora).then(|| version_name(step)),
-                dir: Some(dir),
-                step,
-            },
-            _ => Version { lora: None, dir: None, step: 0 },
+        let nonce = process_nonce();
+        let current = match (served, cfg.weight_push) {
+            (Some((step, dir)), WeightPush::Lora | WeightPush::Disk) => version_of(cfg, &nonce, step, &dir).await?,
+            // A run from the base model with full-weight pushes: the servers may still hold an
+            // earlier run's weights, so they are reset to the base first.
+            (None, WeightPush::Disk) => {
+                let base = if cfg.base_path.as_os_str().is_empty() { model_dir.to_path_buf() } else { cfg.base_path.clone() };
+                Version { name: Some(format!("{}-base-{nonce}", cfg.model)), dir: Some(base), lora: false, step: 0 }
+            }
+            _ => Version { name: None, dir: None, lora: false, step: 0 },
         };
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             pool,
+            nonce,
             current: Mutex::new(current),
             inflight: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
@@ -308,20 +425,42 @@ impl RemoteEngine {
         self.shared.pool.servers.iter().map(|s| (s.url.clone(), s.healthy(), s.groups_done.load(Ordering::SeqCst))).collect()
     }
 
-    /// The version name new generations use (the base model's name before any push).
-    pub fn serving(&self) -> String {
-        lock(&self.shared.current).lora.clone().unwrap_or_else(|| self.shared.cfg.model.clone())
+    /// Every server's cumulative counts.
+    pub fn pool_stats(&self) -> Vec<ServerStats> {
+        self.shared.pool.servers.iter().map(|s| s.stats()).collect()
     }
 
-    /// Samples one group on server `i`; every sample must come back and check out.
-    async fn run_group(&self, i: usize, ri: usize, req: &GenRequest, prompt: &[u32], lora: Option<&str>, s: &SamplingConfig) -> Result<Vec<Rollout>> {
+    /// Samples handed to each server and not finished.
+    pub fn outstanding(&self) -> Vec<usize> {
+        self.shared.pool.servers.iter().map(|s| s.outstanding.load(Ordering::SeqCst)).collect()
+    }
+
+    /// The version name new generations use (the base model's name before any push).
+    pub fn serving(&self) -> String {
+        lock(&self.shared.current).name.clone().unwrap_or_else(|| self.shared.cfg.model.clone())
+    }
+
+    /// Samples one group on server `i` with version `v`; every sample must come back and check
+    /// out.
+    async fn run_group(&self, i: usize, ri: usize, req: &GenRequest, prompt: &[u32], v: &Version, s: &SamplingConfig) -> Result<Vec<Rollout>> {
         let cfg = &self.shared.cfg;
         let path = wire::generate_path(cfg.kind);
+        let server = &self.shared.pool.servers[i];
+        let asked = v.lora().unwrap_or(&cfg.model);
         let samples = (0..req.n).map(|si| {
-            let body = wire::generate_body(cfg.kind, &cfg.model, lora, prompt, s, req.seed.sample_seed(si as u64));
+            let body = wire::generate_body(cfg.kind, &cfg.model, v.lora(), prompt, s, req.seed.sample_seed(si as u64));
             async move {
-                let reply = self.shared.pool.post_json(i, path, &body).await?;
+                let t0 = Instant::now();
+                server.counters.requests.fetch_add(1, Ordering::Relaxed);
+                let reply = self.shared.pool.post_json(i, path, &body, asked).await?;
                 let got = wire::parse(cfg.kind, &reply, self.vocab, s.max_new_tokens)?;
+                if let (Some(want), Some(got)) = (v.weight_version(), got.weight_version.as_deref()) {
+                    // A restarted server serves its start-up weights under another version.
+                    ensure!(got == want, "the reply was generated with weight_version {got:?}, not the pushed {want:?} (did the server restart?)");
+                }
+                server.counters.samples.fetch_add(1, Ordering::Relaxed);
+                server.counters.generated_tokens.fetch_add(got.ids.len() as u64, Ordering::Relaxed);
+                server.counters.busy_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                 let mut text = self.prompt.decode(&got.ids)?;
                 if got.finish_reason == FinishReason::Stop {
                     if let Some(cut) = s.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
@@ -348,13 +487,15 @@ impl Engine for RemoteEngine {
     async fn generate_into(&self, requests: &[GenRequest], sampling: &SamplingConfig, done: mpsc::UnboundedSender<Rollout>) -> Result<()> {
         let prompts = requests.iter().map(|r| self.prompt.encode(&r.messages)).collect::<Result<Vec<_>>>()?;
         let sh = &*self.shared;
-        let lora = lock(&sh.current).lora.clone();
+        let version = lock(&sh.current).clone();
+        let lora = version.lora().map(str::to_string);
         *lock(&sh.inflight).entry(lora.clone()).or_insert(0) += 1;
         let pin = Pinned { shared: sh, lora: lora.clone() };
 
         let mut queue: VecDeque<usize> = (0..requests.len()).filter(|&r| requests[r].n > 0).collect();
         let mut attempts = vec![0usize; requests.len()];
         let mut failed: Vec<(usize, String)> = Vec::new();
+        let mut refused: Vec<(usize, String)> = Vec::new();
         let mut running = FuturesUnordered::new();
         let mut idle_since: Option<Instant> = None;
         let patience = Duration::from_secs_f64(sh.cfg.connect_timeout_secs + 2.0 * sh.cfg.probe_interval_secs);
@@ -363,11 +504,11 @@ impl Engine for RemoteEngine {
                 let n = requests[ri].n;
                 let Some(i) = sh.pool.pick(n) else { break };
                 queue.pop_front();
-                sh.pool.servers[i].outstanding.fetch_add(n, Ordering::SeqCst);
-                let (req, prompt, lora) = (&requests[ri], &prompts[ri], lora.as_deref());
+                let held = Outstanding::new(&sh.pool.servers[i], n);
+                let (req, prompt, version) = (&requests[ri], &prompts[ri], &version);
                 running.push(async move {
-                    let r = self.run_group(i, ri, req, prompt, lora, sampling).await;
-                    sh.pool.servers[i].outstanding.fetch_sub(n, Ordering::SeqCst);
+                    let r = self.run_group(i, ri, req, prompt, version, sampling).await;
+                    drop(held);
                     (i, ri, r)
                 });
             }
@@ -396,8 +537,13 @@ impl Engine for RemoteEngine {
                         let _ = done.send(r);
                     }
                 }
+                Err(e) if e.downcast_ref::<Refused>().is_some() => {
+                    sh.pool.servers[i].counters.refused.fetch_add(1, Ordering::Relaxed);
+                    refused.push((ri, format!("{e:#}")));
+                }
                 Err(e) => {
                     let why = format!("{e:#}");
+                    sh.pool.servers[i].counters.failures.fetch_add(1, Ordering::Relaxed);
                     sh.eject(i, &why);
                     attempts[ri] += 1;
                     if attempts[ri] > sh.cfg.max_group_retries {
@@ -412,8 +558,13 @@ impl Engine for RemoteEngine {
         sh.unload_retired().await;
 
         // Groups that could not be generated come back canceled: counted, never judged.
+        for (ri, why) in &refused {
+            log(format!("prompt group {ri} was refused: {why}"));
+        }
         for (ri, why) in &failed {
             log(format!("prompt group {ri} could not be generated: {why}"));
+        }
+        for (ri, _) in failed.iter().chain(&refused) {
             for si in 0..requests[*ri].n {
                 let _ = done.send(Rollout {
                     request: *ri,
@@ -427,10 +578,16 @@ impl Engine for RemoteEngine {
             }
         }
         let total = requests.iter().filter(|r| r.n > 0).count();
-        let arrived = total - failed.len();
-        if !failed.is_empty() && (arrived as f64) < sh.cfg.min_groups_share * total as f64 - 1e-9 {
+        if total > 0 && refused.len() == total {
+            // Every request wrong: a config or input problem that waiting will not fix.
+            bail!("the servers refused every prompt group of the step ({total}); first: group {}: {}", refused[0].0, refused[0].1);
+        }
+        // Refused groups would fail anywhere: the share is of the groups a pool could make.
+        let possible = total - refused.len();
+        let arrived = possible - failed.len();
+        if !failed.is_empty() && (arrived as f64) < sh.cfg.min_groups_share * possible as f64 - 1e-9 {
             return Err(PoolShort(format!(
-                "the remote pool generated {arrived} of {total} prompt groups, fewer than engine.remote.min_groups_share = {} asks for; first failure: group {}: {}",
+                "the remote pool generated {arrived} of {possible} prompt groups, fewer than engine.remote.min_groups_share = {} asks for; first failure: group {}: {}",
                 sh.cfg.min_groups_share, failed[0].0, failed[0].1
             ))
             .into());
@@ -451,27 +608,33 @@ impl Engine for RemoteEngine {
         if sh.cfg.weight_push == WeightPush::None {
             return Ok(());
         }
+        let v = version_of(&sh.cfg, &sh.nonce, step, dir).await?;
         let _push = sh.push_lock.lock().await;
-        let v = Version { lora: (sh.cfg.weight_push == WeightPush::Lora).then(|| version_name(step)), dir: Some(dir.to_path_buf()), step };
         let targets = sh.pool.healthy();
         let results = futures::future::join_all(targets.iter().map(|&i| {
             let v = &v;
-            async move { (i, sh.push_to(i, v).await) }
+            async move {
+                let r = match tokio::time::timeout(sh.push_timeout(), sh.push_to(i, v)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow::anyhow!("took longer than engine.remote.push_timeout_secs = {}", sh.cfg.push_timeout_secs)),
+                };
+                (i, r)
+            }
         }))
         .await;
         let mut ok = 0;
         for (i, r) in results {
             match r {
                 Ok(()) => ok += 1,
-                Err(e) => sh.eject(i, &format!("push of {} failed: {e:#}", v.lora.as_deref().unwrap_or("full weights"))),
+                Err(e) => sh.eject(i, &format!("push of {} failed: {e:#}", v.name.as_deref().unwrap_or("full weights"))),
             }
         }
         if ok == 0 {
             bail!("pushing the weights of step {step} ({}) failed on every server: {}", dir.display(), sh.pool.ejected_summary());
         }
         let old = std::mem::replace(&mut *lock(&sh.current), v);
-        if let Some(name) = old.lora {
-            lock(&sh.retired).push(name);
+        if let Some(name) = old.lora() {
+            lock(&sh.retired).push(name.to_string());
         }
         drop(_push);
         sh.unload_retired().await;
@@ -480,5 +643,22 @@ impl Engine for RemoteEngine {
 
     async fn reload(&self, dir: &Path) -> Result<()> {
         bail!("the remote engine takes versioned pushes, not reloads ({})", dir.display())
+    }
+
+    /// Unloads the LoRA version this engine pushed for itself (`eval`'s adapter), once nothing
+    /// generates with it, and goes back to the base model.
+    async fn release(&self) -> Result<()> {
+        let sh = &*self.shared;
+        if sh.cfg.weight_push != WeightPush::Lora {
+            return Ok(());
+        }
+        let _push = sh.push_lock.lock().await;
+        let old = std::mem::replace(&mut *lock(&sh.current), Version { name: None, dir: None, lora: false, step: 0 });
+        if let Some(name) = old.lora() {
+            lock(&sh.retired).push(name.to_string());
+        }
+        drop(_push);
+        sh.unload_retired().await;
+        Ok(())
     }
 }

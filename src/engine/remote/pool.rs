@@ -8,7 +8,67 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use serde::Serialize;
 use serde_json::Value;
+
+/// The largest reply body read from a server. A 32k-token completion with log-probs is a few
+/// MB; anything past this is a broken or hostile server, not a reply to hold in memory.
+pub const MAX_REPLY_BYTES: usize = 64 << 20;
+
+/// A server's error reply about one request, not about the server (see
+/// [`super::wire::refused_request`]): the same request would fail anywhere, so it is neither
+/// retried nor held against the server.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the server refused the request: HTTP {}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// One server's cumulative counts, as the trainer's metrics report them (per-step figures are
+/// differences of two snapshots).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ServerStats {
+    pub url: String,
+    pub healthy: bool,
+    /// Generation requests (samples) sent.
+    pub requests: u64,
+    /// Samples that came back whole.
+    pub samples: u64,
+    /// Completion tokens of those samples.
+    pub generated_tokens: u64,
+    /// Seconds spent on those samples' requests, summed (requests overlap, so the trainer's
+    /// tokens/s of a step is tokens over the step's generation time, not over this).
+    pub busy_secs: f64,
+    /// Prompt groups that failed for the server's sake (connection, timeout, 5xx, a broken
+    /// reply); each one ejects it.
+    pub failures: u64,
+    /// Prompt groups the server refused for the request's own sake (HTTP 400/404/413/422).
+    pub refused: u64,
+    pub ejections: u64,
+    pub groups_done: u64,
+    /// Samples handed to it and not finished, now.
+    pub outstanding: u64,
+}
+
+/// Counters behind [`ServerStats`].
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub samples: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub busy_micros: AtomicU64,
+    pub failures: AtomicU64,
+    pub refused: AtomicU64,
+    pub ejections: AtomicU64,
+}
 
 pub struct Server {
     /// Base URL without a trailing slash.
@@ -17,6 +77,7 @@ pub struct Server {
     pub outstanding: AtomicUsize,
     /// Prompt groups it completed (for the metrics and the slow-server test).
     pub groups_done: AtomicUsize,
+    pub counters: Counters,
     state: Mutex<State>,
     /// Bumped at each ejection, so a readmission probe that raced another ejection is dropped.
     epoch: AtomicU64,
@@ -26,9 +87,11 @@ pub struct Server {
 struct State {
     healthy: bool,
     reason: String,
-    /// LoRA names loaded on the server by this process (forgotten at ejection: a server that
-    /// comes back may have restarted).
+    /// LoRA names loaded on the server by this process. At an ejection they move to `stale`: a
+    /// server that comes back may have restarted (and lost them) or not (and still hold them).
     loaded: BTreeSet<String>,
+    /// Names that may still be loaded from before an ejection: unloaded at readmission.
+    stale: BTreeSet<String>,
     /// Ejections since its last completed group, and when the probe may readmit it: a server
     /// that answers `/health` but keeps failing is tried less and less often.
     strikes: u32,
@@ -41,7 +104,15 @@ impl Server {
             url: url.trim_end_matches('/').to_string(),
             outstanding: AtomicUsize::new(0),
             groups_done: AtomicUsize::new(0),
-            state: Mutex::new(State { healthy: false, reason: "not contacted yet".into(), loaded: BTreeSet::new(), strikes: 0, retry_at: Instant::now() }),
+            counters: Counters::default(),
+            state: Mutex::new(State {
+                healthy: false,
+                reason: "not contacted yet".into(),
+                loaded: BTreeSet::new(),
+                stale: BTreeSet::new(),
+                strikes: 0,
+                retry_at: Instant::now(),
+            }),
             epoch: AtomicU64::new(0),
         }
     }
@@ -67,13 +138,42 @@ impl Server {
     pub fn eject(&self, reason: &str, backoff: Duration) -> bool {
         let mut st = self.st();
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        st.loaded.clear();
+        let loaded = std::mem::take(&mut st.loaded);
+        st.stale.extend(loaded);
         st.strikes = st.strikes.saturating_add(1);
         st.retry_at = Instant::now() + backoff * (1u32 << (st.strikes - 1).min(6));
         let was = st.healthy;
         st.healthy = false;
         st.reason = reason.to_string();
+        if was {
+            self.counters.ejections.fetch_add(1, Ordering::Relaxed);
+        }
         was
+    }
+
+    /// Names loaded before an ejection, minus `keep`; forgotten here (the caller unloads them).
+    pub fn take_stale(&self, keep: Option<&str>) -> Vec<String> {
+        let mut st = self.st();
+        let stale = std::mem::take(&mut st.stale);
+        stale.into_iter().filter(|n| Some(n.as_str()) != keep && !st.loaded.contains(n)).collect()
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServerStats {
+            url: self.url.clone(),
+            healthy: self.healthy(),
+            requests: get(&c.requests),
+            samples: get(&c.samples),
+            generated_tokens: get(&c.generated_tokens),
+            busy_secs: get(&c.busy_micros) as f64 * 1e-6,
+            failures: get(&c.failures),
+            refused: get(&c.refused),
+            ejections: get(&c.ejections),
+            groups_done: self.groups_done.load(Ordering::Relaxed) as u64,
+            outstanding: self.outstanding.load(Ordering::SeqCst) as u64,
+        }
     }
 
     /// Puts the server back, unless it was ejected again since `epoch`.
@@ -111,12 +211,51 @@ impl Server {
     }
 }
 
+/// Samples handed to a server, counted in its `outstanding` until dropped (also when the
+/// generation that held them is dropped mid-way).
+pub struct Outstanding<'a> {
+    server: &'a Server,
+    n: usize,
+}
+
+impl<'a> Outstanding<'a> {
+    pub fn new(server: &'a Server, n: usize) -> Self {
+        server.outstanding.fetch_add(n, Ordering::SeqCst);
+        Self { server, n }
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.server.outstanding.fetch_sub(self.n, Ordering::SeqCst);
+    }
+}
+
+/// Reads a reply body, at most `cap` bytes (a declared longer one is refused before reading).
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<String> {
+    if let Some(len) = resp.content_length() {
+        if len > cap as u64 {
+            bail!("reply body of {len} bytes is over the {cap}-byte limit");
+        }
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(describe)? {
+        if buf.len() + chunk.len() > cap {
+            bail!("reply body is over the {cap}-byte limit");
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf).map_err(|e| anyhow::anyhow!("reply body is not UTF-8 (at byte {})", e.utf8_error().valid_up_to()))
+}
+
 /// The servers and one HTTP client for all of them.
 pub struct Pool {
     pub servers: Vec<Server>,
     http: reqwest::Client,
     /// Requests at once per server.
     pub capacity: usize,
+    /// Longest reply body read ([`MAX_REPLY_BYTES`]).
+    pub max_reply_bytes: usize,
 }
 
 /// A failed HTTP exchange: what to say about it (never the key).
@@ -156,23 +295,33 @@ impl Pool {
             .pool_max_idle_per_host(capacity)
             .build()
             .context("building the HTTP client")?;
-        Ok(Self { servers: urls.iter().map(|u| Server::new(u)).collect(), http, capacity })
+        Ok(Self { servers: urls.iter().map(|u| Server::new(u)).collect(), http, capacity, max_reply_bytes: MAX_REPLY_BYTES })
     }
 
     /// POSTs JSON; returns the status and body text (a transport failure is an error).
-    pub async fn post(&self, server: usize, path: &str, body: &Value) -> Result<(u16, String)> {
+    /// `timeout` replaces the client's request timeout (pushes have their own).
+    pub async fn post(&self, server: usize, path: &str, body: &Value, timeout: Option<Duration>) -> Result<(u16, String)> {
         let url = format!("{}{path}", self.servers[server].url);
-        let resp = self.http.post(&url).json(body).send().await.map_err(describe)?;
+        let mut req = self.http.post(&url).json(body);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = req.send().await.map_err(describe)?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(describe)?;
+        let text = read_capped(resp, self.max_reply_bytes).await?;
         Ok((status, text))
     }
 
-    /// POSTs a generation request; anything but a 200 with a JSON body is an error.
-    pub async fn post_json(&self, server: usize, path: &str, body: &Value) -> Result<Value> {
-        let (status, text) = self.post(server, path, body).await?;
+    /// POSTs a generation request for `model` (the name it asks for); anything but a 200 with a
+    /// JSON body is an error, a [`Refused`] one when the reply is about the request.
+    pub async fn post_json(&self, server: usize, path: &str, body: &Value, model: &str) -> Result<Value> {
+        let (status, text) = self.post(server, path, body, None).await?;
         if status != 200 {
-            bail!("HTTP {status}: {}", text.chars().take(300).collect::<String>());
+            let message = text.chars().take(300).collect::<String>();
+            if super::wire::refused_request(status, &text, model) {
+                return Err(Refused { status, message }.into());
+            }
+            bail!("HTTP {status}: {message}");
         }
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("reply is not JSON ({e}): {}", text.chars().take(200).collect::<String>()))
     }
@@ -182,7 +331,7 @@ impl Pool {
         let url = format!("{}{path}", self.servers[server].url);
         let resp = self.http.get(&url).timeout(timeout).send().await.map_err(describe)?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(describe)?;
+        let text = read_capped(resp, self.max_reply_bytes).await?;
         if status != 200 {
             bail!("GET {path}: HTTP {status}: {}", text.chars().take(200).collect::<String>());
         }

@@ -1,8 +1,11 @@
 //! Request bodies and reply checks of the two dialects (vLLM `/v1/completions`, SGLang
-//! `/generate`). Every field a server would otherwise fill from its own defaults is sent. A
-//! reply is accepted only whole: one finite log-prob <= 0 per sampled id, ids inside the
-//! vocabulary, a known finish reason; anything else is an error for that request (the group is
-//! sent elsewhere), never a panic, never a rollout.
+//! `/generate`). Every field a server would otherwise fill from its own defaults is sent: both
+//! read sampling defaults (repetition penalty among them) from the model's
+//! `generation_config.json` and from server flags, and a field we leave out would sample from
+//! another distribution than the learner's. A reply is accepted only whole: one log-prob <= 0,
+//! finite as an f32, per sampled id, at least one id, ids inside the vocabulary, a known finish
+//! reason; anything else is an error for that request (the group is sent elsewhere), never a
+//! panic, never a rollout.
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -19,6 +22,8 @@ pub struct Sampled {
     pub ids: Vec<u32>,
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
+    /// SGLang's `meta_info.weight_version`: the weights that generated it.
+    pub weight_version: Option<String>,
 }
 
 /// The generation endpoint of a dialect.
@@ -29,10 +34,16 @@ pub fn generate_path(kind: RemoteKind) -> &'static str {
     }
 }
 
+/// Largest seed vLLM and SGLang accept (a signed 64-bit integer; vLLM answers a larger one with
+/// HTTP 400).
+pub const MAX_SEED: u64 = i64::MAX as u64;
+
 /// The body of one sample's generation request. `version` is the LoRA name to generate with
-/// (None: the base model `model`).
+/// (None: the base model `model`). `seed` must be at most [`MAX_SEED`] (what
+/// [`crate::engine::SeedKey::sample_seed`] gives); the top bit is cleared regardless.
 pub fn generate_body(kind: RemoteKind, model: &str, version: Option<&str>, prompt: &[u32], s: &SamplingConfig, seed: u64) -> Value {
     let top_k: i64 = if s.top_k == 0 { -1 } else { s.top_k as i64 };
+    let seed = seed & MAX_SEED;
     match kind {
         RemoteKind::Vllm => json!({
             "model": version.unwrap_or(model),
@@ -43,6 +54,10 @@ pub fn generate_body(kind: RemoteKind, model: &str, version: Option<&str>, promp
             "top_p": s.top_p,
             "top_k": top_k,
             "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "min_tokens": 0,
             "seed": seed,
             "logprobs": 0,
             "return_tokens_as_token_ids": true,
@@ -61,6 +76,10 @@ pub fn generate_body(kind: RemoteKind, model: &str, version: Option<&str>, promp
                 "top_p": s.top_p,
                 "top_k": top_k,
                 "min_p": 0.0,
+                "repetition_penalty": 1.0,
+                "presence_penalty": 0.0,
+                "frequency_penalty": 0.0,
+                "min_new_tokens": 0,
                 "stop": s.stop,
                 "skip_special_tokens": false,
                 "no_stop_trim": true,
@@ -90,18 +109,22 @@ fn id_of(v: &Value, what: &str) -> Result<u32> {
 
 fn logprob_of(v: &Value, at: usize) -> Result<f32> {
     let lp = v.as_f64().with_context(|| format!("log-prob {at} is not a number: {v}"))?;
-    ensure!(lp.is_finite() && lp <= LOGPROB_SLACK, "log-prob {at} is {lp} (must be finite and <= 0)");
+    // Finite as an f32 too: -1e39 is a number in JSON and -inf once stored.
+    ensure!(lp.is_finite() && (lp as f32).is_finite() && lp <= LOGPROB_SLACK, "log-prob {at} is {lp} (must be finite and <= 0)");
     Ok(lp.min(0.0) as f32)
 }
 
 /// Checks a parsed reply against the request: lengths, vocabulary, max tokens.
 fn check(ids: Vec<u32>, logprobs: Vec<f32>, finish_reason: FinishReason, vocab: usize, max_new: usize) -> Result<Sampled> {
     ensure!(ids.len() == logprobs.len(), "{} ids but {} log-probs", ids.len(), logprobs.len());
+    // A finished answer holds at least the token that ended it (the EOS id is returned with its
+    // log-prob): an empty one would be judged and then refused by the learner.
+    ensure!(!ids.is_empty(), "no token ids with finish reason {finish_reason:?}");
     ensure!(ids.len() <= max_new, "{} ids for max_tokens = {max_new}", ids.len());
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
     }
-    Ok(Sampled { ids, logprobs, finish_reason })
+    Ok(Sampled { ids, logprobs, finish_reason, weight_version: None })
 }
 
 /// Parses and checks a `/v1/completions` reply (n = 1, `return_token_ids`, `logprobs: 0`).
@@ -162,7 +185,9 @@ pub fn parse_sglang(body: &Value, vocab: usize, max_new: usize) -> Result<Sample
         .and_then(|f| f.get("type"))
         .and_then(|t| t.as_str())
         .context("meta_info has no finish_reason.type")?;
-    check(ids, logprobs, finish(reason)?, vocab, max_new)
+    let mut sampled = check(ids, logprobs, finish(reason)?, vocab, max_new)?;
+    sampled.weight_version = meta.get("weight_version").and_then(|v| v.as_str()).map(str::to_string);
+    Ok(sampled)
 }
 
 pub fn parse(kind: RemoteKind, body: &Value, vocab: usize, max_new: usize) -> Result<Sampled> {
@@ -189,8 +214,27 @@ pub fn unload_lora(kind: RemoteKind, name: &str) -> (&'static str, Value) {
     (p, json!({"lora_name": name}))
 }
 
-pub fn update_from_disk(path: &str) -> (&'static str, Value) {
-    ("/update_weights_from_disk", json!({"model_path": path}))
+/// SGLang's full-weight reload; `version` becomes the `meta_info.weight_version` of every reply
+/// generated with these weights, so a server that restarted with its start-up weights is seen.
+pub fn update_from_disk(path: &str, version: &str) -> (&'static str, Value) {
+    ("/update_weights_from_disk", json!({"model_path": path, "weight_version": version}))
+}
+
+/// Whether a generation request's error reply is about that request (the same request would
+/// fail on any server: a seed out of range, a prompt longer than the context, a bad field),
+/// rather than about the server. `model` is the name the request asked for: a 404 saying it
+/// does not exist means the server lost a pushed adapter (a restart) and needs it again.
+pub fn refused_request(status: u16, body: &str, model: &str) -> bool {
+    match status {
+        400 | 413 | 422 => !mentions_missing(body, model),
+        404 => !mentions_missing(body, model),
+        _ => false,
+    }
+}
+
+fn mentions_missing(body: &str, model: &str) -> bool {
+    let b = body.to_ascii_lowercase();
+    b.contains(&model.to_ascii_lowercase()) && (b.contains("does not exist") || b.contains("not found") || b.contains("not loaded"))
 }
 
 /// How a weight-push endpoint answered.
@@ -260,7 +304,7 @@ mod tests {
 
     #[test]
     fn good_replies_parse_in_both_dialects() {
-        let want = Sampled { ids: vec![5, 7, 2], logprobs: vec![-0.5, -1.25, 0.0], finish_reason: FinishReason::Stop };
+        let want = Sampled { ids: vec![5, 7, 2], logprobs: vec![-0.5, -1.25, 0.0], finish_reason: FinishReason::Stop, weight_version: None };
         let v = parse_vllm(&vllm_reply(&[5, 7, 2], &[-0.5, -1.25, 0.0], "stop"), 10, 8).unwrap();
         assert_eq!(v, want);
         let s = parse_sglang(&sglang_reply(&[5, 7, 2], &[-0.5, -1.25, 0.0], "stop"), 10, 8).unwrap();
@@ -276,6 +320,9 @@ mod tests {
         let bad: Vec<(Value, &str)> = vec![
             (vllm_reply(&[5, 7], &[-0.5], "stop"), "log-probs"),
             (vllm_reply(&[5], &[0.5], "stop"), "must be finite"),
+            (vllm_reply(&[5], &[-1e39], "stop"), "must be finite"),
+            (vllm_reply(&[], &[], "stop"), "no token ids"),
+            (vllm_reply(&[], &[], "length"), "no token ids"),
             (vllm_reply(&[50], &[-0.5], "stop"), "outside the vocabulary"),
             (vllm_reply(&[5], &[-0.5], "eos"), "unknown finish reason"),
             (vllm_reply(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &[-0.1; 9], "length"), "max_tokens"),
@@ -306,6 +353,11 @@ mod tests {
             let e = parse_sglang(body, 10, 8).unwrap_err().to_string();
             assert!(e.contains(want), "{body}: {e}");
         }
+        assert!(parse_sglang(&sglang_reply(&[], &[], "stop"), 10, 8).unwrap_err().to_string().contains("no token ids"));
+        assert!(parse_sglang(&sglang_reply(&[1], &[-1e39], "stop"), 10, 8).unwrap_err().to_string().contains("must be finite"));
+        let mut versioned = sglang_reply(&[1], &[-0.1], "stop");
+        versioned["meta_info"]["weight_version"] = json!("policy-v000002-ab");
+        assert_eq!(parse_sglang(&versioned, 10, 8).unwrap().weight_version.as_deref(), Some("policy-v000002-ab"));
         // A NaN cannot travel in JSON; an infinite one arrives as a huge number or a string.
         assert!(parse_sglang(&json!({"output_ids": [1], "meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": [["-Infinity", 1, null]]}}), 10, 8).is_err());
     }
@@ -314,19 +366,36 @@ mod tests {
     fn request_bodies_carry_every_sampling_field() {
         let s = SamplingConfig { temperature: 0.7, top_p: 0.9, top_k: 0, max_new_tokens: 12, stop: vec!["\n\n".into()] };
         let v = generate_body(RemoteKind::Vllm, "base", Some("policy-v000003"), &[1, 2], &s, u64::MAX);
-        for k in ["model", "prompt", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "return_tokens_as_token_ids", "return_token_ids", "stop", "include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "stream"] {
+        for k in ["model", "prompt", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "seed", "logprobs", "return_tokens_as_token_ids", "return_token_ids", "stop", "include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "stream"] {
             assert!(v.get(k).is_some(), "vllm body lacks {k}");
         }
         assert_eq!(v["model"], "policy-v000003");
         assert_eq!(v["top_k"], -1);
-        assert_eq!(v["seed"], json!(u64::MAX));
+        // vLLM refuses seeds above 2^63 - 1 with a 400.
+        assert_eq!(v["seed"], json!(i64::MAX));
+        assert_eq!(v["repetition_penalty"], 1.0);
         let v = generate_body(RemoteKind::Sglang, "base", None, &[1, 2], &s, 7);
         assert_eq!(v["lora_path"], Value::Null);
         assert_eq!(v["input_ids"], json!([1, 2]));
-        for k in ["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "skip_special_tokens", "no_stop_trim", "ignore_eos", "sampling_seed"] {
+        for k in ["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_new_tokens", "stop", "skip_special_tokens", "no_stop_trim", "ignore_eos", "sampling_seed"] {
             assert!(v["sampling_params"].get(k).is_some(), "sglang sampling_params lacks {k}");
         }
         assert_eq!(generate_body(RemoteKind::Vllm, "base", None, &[1], &s, 1)["model"], "base");
+    }
+
+    #[test]
+    fn request_faults_are_told_from_server_faults() {
+        let long = r#"{"error":{"message":"This model's maximum context length is 2048 tokens. However, you requested 2100 tokens","type":"BadRequestError","code":400}}"#;
+        assert!(refused_request(400, long, "policy-v000001-aa"));
+        assert!(refused_request(400, "Input should be less than or equal to 9223372036854775807", "base"));
+        assert!(refused_request(413, "too large", "base"));
+        assert!(refused_request(422, "bad field", "base"));
+        // A restarted server lost the adapter: the server needs it again, the request is fine.
+        assert!(!refused_request(404, r#"{"error":{"message":"The model `policy-v000003-ab` does not exist."}}"#, "policy-v000003-ab"));
+        assert!(refused_request(404, "no such route", "base"));
+        for s in [401, 403, 408, 429, 500, 502, 503] {
+            assert!(!refused_request(s, "x", "base"), "{s}");
+        }
     }
 
     #[test]

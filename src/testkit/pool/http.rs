@@ -99,8 +99,8 @@ async fn generate(sh: &Arc<Shared>, body: &Value) -> Result<Response<Full<Bytes>
         tokio::time::sleep(delay).await;
     }
     let call = match sh.dialect {
-        Dialect::Vllm => wire::parse_vllm(body)?,
-        Dialect::Sglang => wire::parse_sglang(body)?,
+        Dialect::Vllm => wire::parse_vllm(body, &sh.gen_defaults)?,
+        Dialect::Sglang => wire::parse_sglang(body, &sh.gen_defaults)?,
     };
     wire::check_limits(&call, sh.limits)?;
     let served = sh.served(call.lora.as_deref()).ok_or_else(|| {
@@ -112,7 +112,7 @@ async fn generate(sh: &Arc<Shared>, body: &Value) -> Result<Response<Full<Bytes>
     })?;
     let rollout = served
         .engine
-        .generate_ids_seeded(&call.prompt, &call.sampling, call.seed)
+        .generate_ids_penalized(&call.prompt, &call.sampling, call.seed, call.repetition_penalty)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {e:#}")))?;
     let id = sh.next_id.fetch_add(1, Ordering::SeqCst);

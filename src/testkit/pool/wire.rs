@@ -7,7 +7,7 @@ use hyper::StatusCode;
 use serde_json::{json, Map, Value};
 
 use super::http::{json_reply, reply, ApiError};
-use super::{Dialect, Limits, PushError, Shared};
+use super::{Dialect, GenDefaults, Limits, PushError, Shared};
 use crate::engine::{FinishReason, Rollout, SamplingConfig};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -23,6 +23,8 @@ pub(super) struct GenCall {
     pub prompt: Vec<u32>,
     pub sampling: SamplingConfig,
     pub seed: u64,
+    /// As sent, or the model's `generation_config.json` default when left out (1 = off).
+    pub repetition_penalty: f32,
     pub skip_special: bool,
     /// Keep a matched stop string (and an end-of-sequence token's text) in `text`.
     pub keep_stop: bool,
@@ -60,6 +62,44 @@ impl<'a> Obj<'a> {
     fn u64(&self, k: &str) -> Result<u64, ApiError> {
         let v = self.field(k)?;
         v.as_u64().ok_or_else(|| self.err(k, "a non-negative integer", v))
+    }
+
+    /// A seed: both servers take a signed 64-bit integer (vLLM's pydantic check, in its words).
+    fn seed(&self, k: &str) -> Result<u64, ApiError> {
+        let v = self.field(k)?;
+        match v.as_u64() {
+            Some(x) if x <= i64::MAX as u64 => Ok(x),
+            Some(_) => Err(ApiError::bad(format!(
+                "1 validation error:\n  {{'type': 'less_than_equal', 'loc': ('body', '{}{k}'), 'msg': 'Input should be less than or equal to 9223372036854775807', 'input': {v}}}",
+                self.at
+            ))),
+            None => Err(self.err(k, "a non-negative integer", v)),
+        }
+    }
+
+    /// An optional number: `default` when left out or null (the server's own default).
+    fn f64_or(&self, k: &str, default: f64) -> Result<f64, ApiError> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(_) => self.f64(k),
+        }
+    }
+
+    /// Penalty fields: left out, they take the model's `generation_config.json` values, as
+    /// vLLM's and SGLang's servers do. The stand-in applies a repetition penalty; presence and
+    /// frequency penalties and a minimum length it supports at their neutral values only.
+    fn penalties(&self, min_key: &str, d: &GenDefaults) -> Result<f32, ApiError> {
+        let rep = self.f64_or("repetition_penalty", d.repetition_penalty)?;
+        if !(rep > 0.0 && rep <= 10.0) {
+            return Err(ApiError::bad(format!("field `{}repetition_penalty` must be in (0, 10], got {rep}", self.at)));
+        }
+        for (k, default) in [("presence_penalty", d.presence_penalty), ("frequency_penalty", d.frequency_penalty), (min_key, 0.0)] {
+            let x = self.f64_or(k, default)?;
+            if x != 0.0 {
+                return Err(ApiError::bad(format!("field `{}{k}` = {x}: the test server supports 0 only", self.at)));
+            }
+        }
+        Ok(rep as f32)
     }
 
     fn i64(&self, k: &str) -> Result<i64, ApiError> {
@@ -148,11 +188,12 @@ fn no_stream(o: &Obj) -> Result<(), ApiError> {
 
 const VLLM_FIELDS: &[&str] = &[
     "model", "prompt", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
     "return_tokens_as_token_ids", "return_token_ids", "stop", "include_stop_str_in_output", "skip_special_tokens",
     "ignore_eos", "stream",
 ];
 
-pub(super) fn parse_vllm(body: &Value) -> Result<GenCall, ApiError> {
+pub(super) fn parse_vllm(body: &Value, defaults: &GenDefaults) -> Result<GenCall, ApiError> {
     let o = Obj::new(body, "", VLLM_FIELDS)?;
     let n = o.u64("n")?;
     if n != 1 {
@@ -168,7 +209,8 @@ pub(super) fn parse_vllm(body: &Value) -> Result<GenCall, ApiError> {
         lora: Some(o.str("model")?.to_string()),
         prompt: o.ids("prompt")?,
         sampling: o.sampling("max_tokens")?,
-        seed: o.u64("seed")?,
+        seed: o.seed("seed")?,
+        repetition_penalty: o.penalties("min_tokens", defaults)?,
         skip_special: o.bool("skip_special_tokens")?,
         keep_stop: o.bool("include_stop_str_in_output")?,
         token_ids: o.bool("return_token_ids")?,
@@ -180,10 +222,10 @@ pub(super) fn parse_vllm(body: &Value) -> Result<GenCall, ApiError> {
 const SGLANG_FIELDS: &[&str] = &["input_ids", "sampling_params", "return_logprob", "logprob_start_len", "lora_path", "stream"];
 const SGLANG_SAMPLING: &[&str] = &[
     "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "skip_special_tokens", "no_stop_trim",
-    "ignore_eos", "sampling_seed",
+    "ignore_eos", "sampling_seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_new_tokens",
 ];
 
-pub(super) fn parse_sglang(body: &Value) -> Result<GenCall, ApiError> {
+pub(super) fn parse_sglang(body: &Value, defaults: &GenDefaults) -> Result<GenCall, ApiError> {
     let o = Obj::new(body, "", SGLANG_FIELDS)?;
     no_stream(&o)?;
     o.i64("logprob_start_len")?;
@@ -197,7 +239,8 @@ pub(super) fn parse_sglang(body: &Value) -> Result<GenCall, ApiError> {
         lora,
         prompt: o.ids("input_ids")?,
         sampling: sp.sampling("max_new_tokens")?,
-        seed: sp.u64("sampling_seed")?,
+        seed: sp.seed("sampling_seed")?,
+        repetition_penalty: sp.penalties("min_new_tokens", defaults)?,
         skip_special: sp.bool("skip_special_tokens")?,
         keep_stop: sp.bool("no_stop_trim")?,
         token_ids: true,
@@ -323,7 +366,7 @@ pub(super) fn completion(sh: &Shared, call: &GenCall, r: &Rollout, model: &str, 
             };
             let mut meta = json!({
                 "id": format!("{id:032x}"), "finish_reason": finish, "prompt_tokens": p, "completion_tokens": c,
-                "cached_tokens": 0,
+                "cached_tokens": 0, "weight_version": sh.weight_version.lock().unwrap().clone(),
             });
             if call.logprobs {
                 let lps: Vec<Value> = r.ids.iter().zip(&r.logprobs).map(|(t, lp)| json!([lp, t, null])).collect();
@@ -425,13 +468,24 @@ pub(super) fn sglang_unload(sh: &Shared, body: &Value) -> Reply {
 pub(super) async fn sglang_update_weights(sh: &Shared, body: &Value) -> Reply {
     let o = Obj::new(body, "", &["model_path", "load_format", "abort_all_requests", "weight_version"])?;
     let path = o.str("model_path")?.to_string();
+    let version = match o.map.get("weight_version") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(o.str("weight_version")?.to_string()),
+    };
     match sh.update_base(&path).await {
-        Ok(()) => Ok(json_reply(StatusCode::OK, &json!({"success": true, "message": "Succeeded to update model weights.", "num_paused_requests": 0}))),
+        Ok(()) => {
+            // As SGLang: the version is replaced only when the request names one.
+            if let Some(v) = version {
+                *sh.weight_version.lock().unwrap() = v;
+            }
+            Ok(json_reply(StatusCode::OK, &json!({"success": true, "message": "Succeeded to update model weights.", "num_paused_requests": 0})))
+        }
         Err(e) => Ok(json_reply(StatusCode::BAD_REQUEST, &json!({"success": false, "message": format!("Failed to update weights: {e:#}")}))),
     }
 }
 
 pub(super) fn sglang_model_info(sh: &Shared) -> Response<Full<Bytes>> {
     let path = sh.base.lock().unwrap().source.display().to_string();
-    json_reply(StatusCode::OK, &json!({"model_path": path, "tokenizer_path": path, "is_generation": true, "weight_version": "default"}))
+    let version = sh.weight_version.lock().unwrap().clone();
+    json_reply(StatusCode::OK, &json!({"model_path": path, "tokenizer_path": path, "is_generation": true, "weight_version": version}))
 }
