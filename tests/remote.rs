@@ -488,23 +488,38 @@ async fn orchestrator_run_on_a_pool_killed_with_sigkill_and_resumed() {
     assert!(!err.contains(secret));
 }
 
+/// Two SGLang servers with full-weight pushes, after one update on the base model's rollouts of
+/// `reqs` and its push as step 1.
+struct DiskPushed {
+    model: PathBuf,
+    pool: Vec<PoolServer>,
+    engine: RemoteEngine,
+    learner: Learner,
+    base: Vec<Rollout>,
+}
+
+async fn disk_pushed(tmp: &Path, reqs: &[GenRequest]) -> DiskPushed {
+    let model = common::tiny_model(&tmp.join("model"), &TinySpec::qwen2(8));
+    let export = tmp.join("export");
+    let pool = servers(RemoteKind::Sglang, &model, 2).await;
+    let cfg = remote_cfg(RemoteKind::Sglang, &pool, &export, WeightPush::Disk);
+    let engine = RemoteEngine::connect(&cfg, &model, None).await.unwrap();
+    let mut learner = Learner::new(&LearnerConfig { threads: 2, algorithm: Algorithm::Grpo, lr: 2e-2, ..LearnerConfig::default() }, &model, 3).unwrap();
+    let base = flat(engine.generate(reqs, &sampling(16)).await.unwrap());
+    learner.update(&trajectories(&base), 1.0).unwrap();
+    let (dir, _) = orchestrator::trainer::sync::export_to(&learner, &export, &version_name(1)).unwrap();
+    engine.push(1, &dir).await.unwrap();
+    DiskPushed { model, pool, engine, learner, base }
+}
+
 /// SGLang full-weight pushes (`weight_push = "disk"`): the learner's HF export, reloaded by
 /// `update_weights_from_disk`, serves the learner's policy (ratio 1 within 1e-4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sglang_disk_pushes_serve_the_learners_full_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::qwen2(8));
-    let export = tmp.path().join("export");
-    let pool = servers(RemoteKind::Sglang, &model, 2).await;
-    let cfg = remote_cfg(RemoteKind::Sglang, &pool, &export, WeightPush::Disk);
-    let engine = RemoteEngine::connect(&cfg, &model, None).await.unwrap();
-    let mut learner = Learner::new(&LearnerConfig { threads: 2, algorithm: Algorithm::Grpo, lr: 2e-2, ..LearnerConfig::default() }, &model, 3).unwrap();
     let reqs = requests(4, 4, 8);
-    let base = flat(engine.generate(&reqs, &sampling(16)).await.unwrap());
-    learner.update(&trajectories(&base), 1.0).unwrap();
+    let DiskPushed { pool, engine, learner, base, .. } = disk_pushed(tmp.path(), &reqs).await;
     assert!(max_ratio_gap(&learner, &base) > 1e-3, "the update changed nothing");
-    let (dir, _) = orchestrator::trainer::sync::export_to(&learner, &export, &version_name(1)).unwrap();
-    engine.push(1, &dir).await.unwrap();
     let fresh = flat(engine.generate(&reqs, &sampling(16)).await.unwrap());
     let gap = max_ratio_gap(&learner, &fresh);
     println!("sglang disk push: max |ln pi - ln mu| = {gap:.2e}");
@@ -806,17 +821,8 @@ async fn a_dropped_generation_gives_its_slots_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sglang_server_restarted_with_its_start_up_weights_is_caught() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::qwen2(8));
-    let export = tmp.path().join("export");
-    let pool = servers(RemoteKind::Sglang, &model, 2).await;
-    let cfg = remote_cfg(RemoteKind::Sglang, &pool, &export, WeightPush::Disk);
-    let engine = RemoteEngine::connect(&cfg, &model, None).await.unwrap();
-    let mut learner = Learner::new(&LearnerConfig { threads: 2, algorithm: Algorithm::Grpo, lr: 2e-2, ..LearnerConfig::default() }, &model, 3).unwrap();
     let reqs = requests(4, 2, 8);
-    let base = flat(engine.generate(&reqs, &sampling(16)).await.unwrap());
-    learner.update(&trajectories(&base), 1.0).unwrap();
-    let (dir, _) = orchestrator::trainer::sync::export_to(&learner, &export, &version_name(1)).unwrap();
-    engine.push(1, &dir).await.unwrap();
+    let DiskPushed { model, pool, engine, learner, .. } = disk_pushed(tmp.path(), &reqs).await;
     assert!(pool.iter().all(|p| p.weight_version() == engine.serving()), "{}", engine.serving());
 
     // Server 0 restarts on its port before the pool notices: base weights, version "default".
