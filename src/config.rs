@@ -79,6 +79,13 @@ pub struct RunConfig {
     /// Write TensorBoard event files into the run directory as steps end (one scalar per
     /// numeric metric), for `tensorboard --logdir <run.root>`.
     pub tensorboard: bool,
+    /// Judge-token budget of the whole run (prompt + completion tokens, resumes included; 0 =
+    /// none): the step that reaches it is the last, then the run checkpoints and exits with
+    /// status 6.
+    pub max_judge_tokens: u64,
+    /// Judge-cost budget, in the currency of `judge.openai.price_*_per_mtok` (0 = none; needs
+    /// the prices): as `max_judge_tokens`.
+    pub max_judge_cost: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +115,8 @@ impl Default for RunConfig {
             judge_down_max_wait_secs: 600.0,
             shuffle: true,
             tensorboard: true,
+            max_judge_tokens: 0,
+            max_judge_cost: 0.0,
         }
     }
 }
@@ -137,6 +146,7 @@ impl RunConfig {
                 ),
             );
         }
+        p.at_least(&format!("{key}.max_judge_cost"), self.max_judge_cost, 0.0);
         if self.name.contains('/') || self.name == ".." || self.name == "." {
             p.push(&format!("{key}.name"), format!("must be a plain directory name, got {:?}", self.name));
         }
@@ -274,7 +284,14 @@ impl Config {
         self.engine.validate_with("engine", self.learner.lora.enabled, &mut p);
         self.run.validate("run", &mut p);
         self.judge.validate("judge", &mut p);
+        if self.run.max_judge_cost > 0.0 && self.judge.openai.prices().is_none() {
+            p.push(
+                "run.max_judge_cost",
+                "needs judge.openai.price_prompt_per_mtok and judge.openai.price_completion_per_mtok (a cost budget without prices would never be reached)",
+            );
+        }
         self.reward.validate("reward", &mut p);
+        self.validate_group_reference(&mut p);
         self.data.validate("data", &mut p);
         self.curriculum.validate("curriculum", &mut p);
         self.selection.validate("selection", &mut p);
@@ -283,6 +300,36 @@ impl Config {
             Ok(())
         } else {
             bail!("{}", p.0.join("\n  "))
+        }
+    }
+
+    /// `reward.reference = "group"`: a group of at least two rollouts to draw partners from, and
+    /// no curriculum settings (there is no ladder to move: they would pretend otherwise).
+    fn validate_group_reference(&self, p: &mut Problems) {
+        if self.reward.reference != crate::reward::Reference::Group {
+            return;
+        }
+        if self.run.n_samples < 2 {
+            p.push(
+                "reward.reference",
+                format!(
+                    "\"group\" compares each rollout with another rollout of its prompt: needs run.n_samples >= 2, got {}",
+                    self.run.n_samples
+                ),
+            );
+        }
+        let (c, d) = (&self.curriculum, crate::curriculum::CurriculumConfig::default());
+        let off = "has no effect with reward.reference = \"group\" (no reference ladder: the curriculum is off, every task stays at level 0); remove it";
+        if c.mode != d.mode {
+            p.push("curriculum.mode", off);
+        }
+        if c.advance_rule != d.advance_rule {
+            p.push("curriculum.advance_rule", off);
+        }
+        for (key, v) in [("curriculum.advance_k", c.advance_k), ("curriculum.advance_window", c.advance_window)] {
+            if v.is_some() {
+                p.push(key, off);
+            }
         }
     }
 

@@ -20,6 +20,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Task;
+use crate::reward::Reference;
 
 /// Which reference a task is compared with (the paper's ablations).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,14 +262,24 @@ pub struct Curriculum {
     state: CurriculumState,
     /// Top level per task id.
     tops: HashMap<String, usize>,
+    /// `reward.reference = "group"`: no ladder. Tasks may have no references (their top is 0),
+    /// [`advance`](Self::advance) never moves a level and no task counts as at its top.
+    off: bool,
 }
 
 impl Curriculum {
     /// Every task at level 0 (and, with k-of-m, an empty window). Each task needs at least one
     /// reference; the config must pass [`CurriculumConfig::validate`].
     pub fn new(cfg: &CurriculumConfig, tasks: &[Task]) -> Result<Self> {
+        Self::new_for(cfg, tasks, Reference::Ladder)
+    }
+
+    /// As [`new`](Self::new) for the given `reward.reference`: with `group` the curriculum is off
+    /// and tasks need no references.
+    pub fn new_for(cfg: &CurriculumConfig, tasks: &[Task], reference: Reference) -> Result<Self> {
         cfg.check()?;
-        let tops = tops(tasks)?;
+        let off = reference == Reference::Group;
+        let tops = tops(tasks, off)?;
         let levels = tops.keys().map(|id| (id.clone(), 0)).collect();
         Ok(Self {
             state: CurriculumState {
@@ -280,6 +291,7 @@ impl Curriculum {
                 windows: BTreeMap::new(),
             },
             tops,
+            off,
         })
     }
 
@@ -287,8 +299,16 @@ impl Curriculum {
     /// missing), a saved level is past its task's top, the settings changed (k and m included),
     /// or a saved window could not have been left by [`advance`](Self::advance).
     pub fn restore(cfg: &CurriculumConfig, tasks: &[Task], state: CurriculumState) -> Result<Self> {
+        Self::restore_for(cfg, tasks, state, Reference::Ladder)
+    }
+
+    /// As [`restore`](Self::restore) for the given `reward.reference` (see [`new_for`](Self::new_for)).
+    /// With `group` the saved levels are kept as they are (never moved), so a run switched back to
+    /// the ladder finds them.
+    pub fn restore_for(cfg: &CurriculumConfig, tasks: &[Task], state: CurriculumState, reference: Reference) -> Result<Self> {
         cfg.check()?;
-        let tops = tops(tasks)?;
+        let off = reference == Reference::Group;
+        let tops = tops(tasks, off)?;
         if state.mode != cfg.mode || state.advance_rule != cfg.advance_rule {
             bail!(
                 "curriculum: the checkpoint was made with mode {:?} / advance_rule {:?}, the config says {:?} / {:?}",
@@ -329,7 +349,7 @@ impl Curriculum {
                 );
             }
         }
-        Ok(Self { state, tops })
+        Ok(Self { state, tops, off })
     }
 
     pub fn state(&self) -> &CurriculumState {
@@ -380,6 +400,9 @@ impl Curriculum {
             pooled.entry(id).or_default().extend_from_slice(outcomes);
         }
         let mut advanced = 0;
+        if self.off {
+            return Ok(self.metrics(0));
+        }
         if self.state.mode == CurriculumMode::Dynamic && self.state.advance_rule == AdvanceRule::KOfM {
             let (k, m) = self.k_of_m();
             for (id, outcomes) in pooled {
@@ -433,7 +456,7 @@ impl Curriculum {
         for (id, &top) in &self.tops {
             let l = self.level(id).expect("known task");
             histogram[l] += 1;
-            at_top += usize::from(l == top);
+            at_top += usize::from(l == top && !self.off);
         }
         CurriculumMetrics {
             histogram,
@@ -444,10 +467,11 @@ impl Curriculum {
     }
 }
 
-fn tops(tasks: &[Task]) -> Result<HashMap<String, usize>> {
+/// Top level per task id. `off` (no ladder): a task without references has top 0.
+fn tops(tasks: &[Task], off: bool) -> Result<HashMap<String, usize>> {
     let mut tops = HashMap::with_capacity(tasks.len());
     for t in tasks {
-        let Some(top) = t.top_level() else {
+        let Some(top) = t.top_level().or(off.then_some(0)) else {
             bail!("curriculum: task {:?} has no references", t.id);
         };
         if tops.insert(t.id.clone(), top).is_some() {

@@ -199,6 +199,7 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_JUDGE_DOWN: u8 = 3;
 const EXIT_DIVERGED: u8 = 4;
 const EXIT_POOL_SHORT: u8 = 5;
+const EXIT_JUDGE_BUDGET: u8 = 6;
 const EXIT_INTERRUPTED: u8 = 130;
 const EXIT_CODES: &str = "\
 Exit status:
@@ -210,6 +211,8 @@ Exit status:
        gradient norm; none was applied, so the newest checkpoint is clean
   5    `run`: stopped because the remote pool generated fewer prompt groups than
        engine.remote.min_groups_share; the newest checkpoint is resumable, resume once the servers are back
+  6    `run`: stopped because the run's judge tokens or cost reached run.max_judge_tokens or
+       run.max_judge_cost; a checkpoint was written, raise the budget and resume to go on
   130  `run`: interrupted by SIGINT or SIGTERM; a checkpoint was written (a second signal exits at
        once without one), rerun the command to resume";
 
@@ -249,6 +252,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             );
             ExitCode::from(EXIT_JUDGE_DOWN)
         }
+        Ended::JudgeBudget { step, run_dir, key, reason } => {
+            eprintln!(
+                "stopped: {reason}\ncheckpoint at step {step}; to go on, raise {key} and resume with: {} --allow-config-change {key}",
+                resume_hint(&run_dir)
+            );
+            ExitCode::from(EXIT_JUDGE_BUDGET)
+        }
     })
 }
 
@@ -267,6 +277,9 @@ async fn dispatch(cmd: Command) -> Result<()> {
             );
             for w in cfg.warnings() {
                 println!("warning: {w}");
+            }
+            if let Some(line) = orchestrator::cli::check::tasks_summary(&cfg)? {
+                println!("{line}");
             }
             for (key, msg, here) in cfg.needs_cuda() {
                 if !here {

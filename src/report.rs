@@ -42,6 +42,12 @@ pub struct Row {
     pub t_checkpoint: Option<f64>,
     pub t_other: Option<f64>,
     pub t_step: Option<f64>,
+    pub judge_prompt_tokens: Option<u64>,
+    pub judge_completion_tokens: Option<u64>,
+    pub judge_usage_missing: Option<u64>,
+    pub judge_tokens_total: Option<u64>,
+    pub judge_cost: Option<f64>,
+    pub judge_cost_total: Option<f64>,
 }
 
 /// Reads `metrics.jsonl`; a bad line is an error naming `FILE:LINE` (and the key). A torn last
@@ -343,13 +349,14 @@ fn png(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area) -> Result<()>) ->
 }
 
 /// The plots, in the order they appear in the summary: (file name, caption).
-pub const PLOTS: [(&str, &str); 6] = [
+pub const PLOTS: [(&str, &str); 7] = [
     ("reward.png", "Mean reward"),
     ("outcomes.png", "Win / tie / loss / unscored"),
     ("levels.png", "Ladder levels"),
     ("kl_entropy.png", "KL and entropy"),
     ("response_length.png", "Response length"),
     ("phase_times.png", "Phase times"),
+    ("judge_tokens.png", "Judge tokens"),
 ];
 
 /// The step's wall time by phase, adding up to it: "learn" is the learner's time not hidden
@@ -412,6 +419,14 @@ pub fn write_report(rows: &[Row], out: &Path, metrics: &Path) -> Result<()> {
             PHASES.iter().enumerate().map(|(i, (name, f))| series(rows, name, c[i], *f)).collect();
         draw_stacked(a, "Wall time per step by phase", x.clone(), "seconds", &layers, true)
     })?;
+    png(&out.join(PLOTS[6].0), SIZE, |a| {
+        let n = |f: fn(&Row) -> Option<u64>| move |r: &Row| f(r).map(|v| v as f64);
+        let layers = [
+            series(rows, "prompt", c[0], n(|r| r.judge_prompt_tokens)),
+            series(rows, "completion", c[1], n(|r| r.judge_completion_tokens)),
+        ];
+        draw_stacked(a, "Judge tokens per step", x.clone(), "tokens", &layers, false)
+    })?;
     let md = summary_md(rows, metrics);
     crate::fsutil::atomic_write(&out.join("summary.md"), md.as_bytes())
 }
@@ -464,6 +479,28 @@ pub fn summary_md(rows: &[Row], metrics: &Path) -> String {
             (total > 0).then(|| *levels.last().unwrap() as f64 / total as f64)
         });
         s.push_str(&format!("- Share of tasks at the top of their ladder: {}\n", fmt(top, 3)));
+    }
+    let (jp, jc) = (sum(|r| r.judge_prompt_tokens), sum(|r| r.judge_completion_tokens));
+    if jp + jc > 0 || rows.iter().any(|r| r.judge_tokens_total.is_some()) {
+        let missing = sum(|r| r.judge_usage_missing);
+        s.push_str(&format!(
+            "- Judge tokens, these steps: {} ({jp} prompt + {jc} completion; {:.0} per step){}\n",
+            jp + jc,
+            (jp + jc) as f64 / n as f64,
+            if missing > 0 { format!("; {missing} replies reported no usage (counted as 0)") } else { String::new() }
+        ));
+        if let Some(total) = rows.last().and_then(|r| r.judge_tokens_total) {
+            s.push_str(&format!("- Judge tokens, whole run up to step {}: {total}\n", rows.last().unwrap().step));
+        }
+        let cost: Vec<f64> = rows.iter().filter_map(|r| r.judge_cost).collect();
+        if !cost.is_empty() {
+            let total = rows.iter().rev().find_map(|r| r.judge_cost_total);
+            s.push_str(&format!(
+                "- Judge cost, these steps: {:.4}; whole run: {}\n",
+                cost.iter().sum::<f64>(),
+                fmt(total, 4)
+            ));
+        }
     }
     let wall: f64 = rows.iter().filter_map(|r| r.t_step).sum();
     s.push_str(&format!("- Total wall time (sum of step times): {wall:.1} s\n"));
@@ -531,6 +568,9 @@ mod tests {
                 t_step: Some(2.0),
                 t_generate: Some(1.5),
                 t_learn: Some(0.5),
+                judge_prompt_tokens: Some(100),
+                judge_completion_tokens: Some(10),
+                judge_tokens_total: Some(110 * s + 5),
                 ..Row::default()
             })
             .collect();
@@ -540,5 +580,7 @@ mod tests {
         assert!(md.contains("36 wins, 8 ties, 16 losses, 0 unscored (60 rollouts"), "{md}");
         assert!(md.contains("level 0: 0, level 1: 4") && md.contains("top of their ladder: 1.000"), "{md}");
         assert!(md.contains("| generate | 12.0 | 75.0% |"), "{md}");
+        assert!(md.contains("Judge tokens, these steps: 880 (800 prompt + 80 completion; 110 per step)"), "{md}");
+        assert!(md.contains("whole run up to step 8: 885") && !md.contains("Judge cost"), "{md}");
     }
 }

@@ -8,12 +8,18 @@
 //! **unscored**, never a number: [`RewardOutcome::reward`] is `None` and the trainer leaves the
 //! rollout out of the update. With label probabilities, `soft = true` rewards the expected value
 //! under the judge's label distribution, averaged over the orders used.
+//!
+//! `reference = "group"` (Writing-Zero's bootstrapped relative reward, arXiv 2506.00103) puts
+//! another rollout of the same prompt in the reference's place: each rollout's partner is drawn
+//! from its group by [`group_partner`], seeded by (run seed, step, prompt, sample), and the rest
+//! (orders, win / tie / loss, soft rewards, unscored) is as above. No reference answers are needed
+//! and the curriculum is off.
 
 use serde::{Deserialize, Serialize};
 
 use crate::validate::Problems;
 use crate::seed::splitmix64;
-use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
+use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Usage, Verdict};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -25,10 +31,32 @@ pub enum Position {
     Both,
 }
 
+/// What a rollout is compared with (`reward.reference`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reference {
+    /// The task's current reference on its ladder (Writing-RL; the curriculum moves it).
+    #[default]
+    Ladder,
+    /// Another rollout of the same prompt, drawn from its group by a seeded partner draw
+    /// (Writing-Zero's bootstrapped relative reward): no reference answers, no curriculum.
+    Group,
+}
+
+impl Reference {
+    pub fn is_ladder(&self) -> bool {
+        *self == Reference::Ladder
+    }
+}
+
 /// The `[reward]` config section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
+    /// `ladder` (default) or `group`. Left out of the serialised config at its default, so the
+    /// config hash of a ladder run is what it was before the key existed.
+    #[serde(skip_serializing_if = "Reference::is_ladder")]
+    pub reference: Reference,
     pub position: Position,
     pub win: f64,
     pub tie: f64,
@@ -42,7 +70,7 @@ pub struct RewardConfig {
 
 impl Default for RewardConfig {
     fn default() -> Self {
-        Self { position: Position::ReferenceFirst, win: 1.0, tie: 0.5, loss: 0.0, soft: false, seed: 0 }
+        Self { reference: Reference::Ladder, position: Position::ReferenceFirst, win: 1.0, tie: 0.5, loss: 0.0, soft: false, seed: 0 }
     }
 }
 
@@ -88,6 +116,7 @@ pub struct RewardInput<'a> {
     pub prompt: &'a str,
     pub criteria: Option<&'a str>,
     pub response: &'a str,
+    /// The ladder's current reference, or (`reference = "group"`) the partner rollout's text.
     pub reference: &'a str,
 }
 
@@ -115,12 +144,32 @@ pub struct RewardOutcome {
     pub unscored_reason: Option<String>,
     /// `both` only, when both calls were scored: whether the two orders agreed.
     pub consistent: Option<bool>,
+    /// Tokens of earlier judgings of this rollout that a re-judge replaced (`on_judge_down =
+    /// "pause"`): spent, so still counted.
+    #[serde(default, skip_serializing_if = "Usage::is_zero")]
+    pub replaced_usage: Usage,
 }
 
 impl RewardOutcome {
     /// Unscored without asking the judge.
     pub fn unscored(reason: &str) -> Self {
-        Self { calls: Vec::new(), outcome: None, reward: None, soft: false, unscored_reason: Some(reason.to_string()), consistent: None }
+        Self {
+            calls: Vec::new(),
+            outcome: None,
+            reward: None,
+            soft: false,
+            unscored_reason: Some(reason.to_string()),
+            consistent: None,
+            replaced_usage: Usage::default(),
+        }
+    }
+    /// Tokens every judge call of this rollout used, replaced ones included.
+    pub fn usage(&self) -> Usage {
+        let mut u = self.replaced_usage;
+        for c in &self.calls {
+            u.add(c.output.usage);
+        }
+        u
     }
     pub fn is_unscored(&self) -> bool {
         self.reward.is_none()
@@ -159,6 +208,25 @@ pub fn orders(cfg: &RewardConfig, key: u64) -> Vec<bool> {
     }
 }
 
+/// `reference = "group"`: the sample index of the rollout that sample `sample` of a group of `n`
+/// (n >= 2) is compared with. Uniform over the group's other samples, never `sample` itself, and a
+/// pure function of (run seed, step, prompt index in the batch, sample), like the engine's
+/// sampling streams, so a resumed run draws the same pairs.
+pub fn group_partner(run_seed: u64, step: u64, prompt: u64, sample: usize, n: usize) -> usize {
+    assert!(n >= 2 && sample < n, "a partner needs a group of >= 2 (sample {sample} of {n})");
+    // A constant of its own keeps this stream apart from the sampling and reward-order ones.
+    let mut h = splitmix64(run_seed ^ 0x7061_7274_6e65_7273);
+    h = splitmix64(h ^ step);
+    h = splitmix64(h ^ prompt);
+    h = splitmix64(h ^ sample as u64);
+    let r = ((h as u128 * (n - 1) as u128) >> 64) as usize;
+    if r >= sample {
+        r + 1
+    } else {
+        r
+    }
+}
+
 /// Judges one rollout against its reference and turns the verdict(s) into a reward.
 /// With `both`, the two calls run concurrently.
 pub async fn reward(judge: &dyn Judge, cfg: &RewardConfig, input: RewardInput<'_>, key: u64) -> RewardOutcome {
@@ -193,6 +261,7 @@ pub fn combine(cfg: &RewardConfig, calls: Vec<JudgeCall>) -> RewardOutcome {
             soft: false,
             unscored_reason: Some(format!("{reason} ({order})")),
             consistent: None,
+            replaced_usage: Usage::default(),
         };
     }
     let outs: Vec<Outcome> = calls.iter().filter_map(|c| c.outcome).collect();
@@ -218,7 +287,15 @@ pub fn combine(cfg: &RewardConfig, calls: Vec<JudgeCall>) -> RewardOutcome {
         }
         _ => (cfg.value(outcome), false),
     };
-    RewardOutcome { calls, outcome: Some(outcome), reward: Some(reward), soft, unscored_reason: None, consistent }
+    RewardOutcome {
+        calls,
+        outcome: Some(outcome),
+        reward: Some(reward),
+        soft,
+        unscored_reason: None,
+        consistent,
+        replaced_usage: Usage::default(),
+    }
 }
 
 /// Counts for metrics and summaries.
@@ -236,6 +313,11 @@ pub struct RewardStats {
     pub chose_second: u64,
     pub chose_tie: u64,
     pub retries: u64,
+    /// Judge tokens of every call (retries, re-asks and replaced calls included) and replies
+    /// without usable token counts.
+    pub judge_prompt_tokens: u64,
+    pub judge_completion_tokens: u64,
+    pub judge_usage_missing: u64,
 }
 
 impl RewardStats {
@@ -250,6 +332,10 @@ impl RewardStats {
             self.both_scored += 1;
             self.consistent += c as u64;
         }
+        let u = r.usage();
+        self.judge_prompt_tokens = self.judge_prompt_tokens.saturating_add(u.prompt_tokens);
+        self.judge_completion_tokens = self.judge_completion_tokens.saturating_add(u.completion_tokens);
+        self.judge_usage_missing += u.usage_missing as u64;
         for call in &r.calls {
             self.retries += call.output.retries as u64;
             if let Judgement::Scored { verdict, .. } = call.output.judgement {
@@ -311,7 +397,7 @@ mod tests {
         JudgeCall {
             response_first,
             outcome: v.map(|v| outcome_of(v, response_first)),
-            output: JudgeOutput { judgement, raw: String::new(), latency_ms: 1, retries: 0 },
+            output: JudgeOutput { judgement, raw: String::new(), latency_ms: 1, retries: 0, usage: Usage::default() },
         }
     }
 
@@ -362,6 +448,55 @@ mod tests {
         assert!((70..130).contains(&firsts), "{firsts}");
         let other = RewardConfig { seed: 4, ..cfg.clone() };
         assert_ne!(a, (0..200).map(|k| orders(&other, k)[0]).collect::<Vec<_>>());
+    }
+
+    /// Partners: a pure function of (run seed, step, prompt, sample), so a resumed run (which
+    /// recomputes them from scratch at the steps it repeats) draws the same pairs; never the rollout
+    /// itself, always inside the group, every other sample reachable; another seed, other pairs.
+    #[test]
+    fn group_partners_are_seeded_never_self_and_in_the_group() {
+        let pairs = |seed: u64, steps: std::ops::Range<u64>, n: usize| -> Vec<(u64, u64, usize, usize)> {
+            let mut v = Vec::new();
+            for step in steps {
+                for prompt in 0..4u64 {
+                    for s in 0..n {
+                        v.push((step, prompt, s, group_partner(seed, step, prompt, s, n)));
+                    }
+                }
+            }
+            v
+        };
+        for n in [2usize, 3, 4, 8] {
+            let straight = pairs(11, 1..9, n);
+            // A run interrupted after step 4 and resumed: steps 5.. drawn again by a fresh process.
+            let resumed: Vec<_> = pairs(11, 1..5, n).into_iter().chain(pairs(11, 5..9, n)).collect();
+            assert_eq!(straight, resumed);
+            for &(_, _, s, p) in &straight {
+                assert!(p != s && p < n, "sample {s} of {n} got partner {p}");
+            }
+            if n == 2 {
+                assert!(straight.iter().all(|&(_, _, s, p)| p == 1 - s));
+                continue;
+            }
+            // Every other sample is drawn for each sample, roughly uniformly.
+            let mut counts = vec![vec![0usize; n]; n];
+            for step in 1..400 {
+                for s in 0..n {
+                    counts[s][group_partner(11, step, 0, s, n)] += 1;
+                }
+            }
+            for (s, row) in counts.iter().enumerate() {
+                for (p, &c) in row.iter().enumerate() {
+                    if p == s {
+                        assert_eq!(c, 0);
+                    } else {
+                        let want = 399 / (n - 1);
+                        assert!(c * 2 > want && c < want * 2, "sample {s} -> {p}: {c} of 399 (n {n})");
+                    }
+                }
+            }
+            assert_ne!(straight, pairs(12, 1..9, n), "another run seed draws other pairs");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use orchestrator::judge::{
 };
 use orchestrator::reward::{self, Outcome, Position, RewardConfig, RewardInput, RewardStats};
 use orchestrator::testkit::tiny::TinySpec;
+use serde_json::{json, Value};
 
 /// A judge config pointed at `server` with short timeouts and fast backoff.
 fn judge_cfg(server: &ScriptedServer) -> JudgeConfig {
@@ -686,5 +687,151 @@ fn judge_cli_with_the_embedded_label_judge_on_the_policy_weights() {
         }
         assert!((reward - expected).abs() < 1e-9, "{reward} vs {expected}");
         assert!(l["consistent"].is_boolean());
+    }
+}
+
+/// Every reply's `usage` is summed over retries and re-asks, exactly as the server reported it;
+/// a reply without a usable `usage` counts 0 tokens and is flagged, never an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn judge_token_usage_sums_every_attempt_and_flags_bad_usage() {
+    let server = ScriptedServer::start(rules::prefer_containing("GOOD")).await.unwrap();
+    let mut cfg = judge_cfg(&server);
+    cfg.openai.timeout_secs = 5.0;
+    let judge = OpenAiJudge::new(&cfg).unwrap();
+    let c = Comparison { prompt: "Write about tea.", criteria: None, first: "GOOD tea is hot", second: "tea" };
+
+    // A 500 (no reply, no usage), a reply without a verdict, then the re-ask's verdict.
+    server.push_many([Behavior::error(500, "boom"), Behavior::reply("Both are fine."), Behavior::reply("[[A]]")]);
+    let out = judge.compare(c).await;
+    assert!(matches!(out.judgement, Judgement::Scored { verdict: Verdict::First, .. }), "{out:?}");
+    assert_eq!(out.retries, 1);
+    let (p, cm) = server.usage_reported();
+    assert!(p > 0 && cm > 0);
+    assert_eq!((out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.usage_missing), (p, cm, 0));
+    // The re-ask's prompt holds the whole conversation: both replies were counted.
+    let reqs = server.requests();
+    let want: u64 = reqs[1..].iter().map(|r| orchestrator::testkit::scripted::usage_of(r, "").0).sum();
+    assert_eq!(p, want);
+
+    // Usage from outside is validated: each of these counts as missing, the verdict still counts.
+    let bad = [
+        Value::Null,
+        json!({"prompt_tokens": -5, "completion_tokens": 3}),
+        json!({"prompt_tokens": 1.5, "completion_tokens": 3}),
+        json!({"prompt_tokens": "12", "completion_tokens": 3}),
+        json!({"prompt_tokens": 2_000_000_000u64, "completion_tokens": 3}),
+        json!({"prompt_tokens": 1e300, "completion_tokens": 3}),
+        json!({"prompt_tokens": 18446744073709551615u64, "completion_tokens": 18446744073709551615u64}),
+        json!({"completion_tokens": 3}),
+        json!("lots"),
+    ];
+    for u in &bad {
+        server.push(Behavior::with_usage(u.clone(), Behavior::reply("[[B]]")));
+        let out = judge.compare(c).await;
+        assert!(matches!(out.judgement, Judgement::Scored { verdict: Verdict::Second, .. }), "{u}: {out:?}");
+        assert_eq!((out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.usage_missing), (0, 0, 1), "{u}");
+    }
+    // A malformed body (retried) is a reply whose usage is missing; the retry's counts.
+    let before = server.usage_reported();
+    server.push(Behavior::MalformedJson);
+    let out = judge.compare(c).await;
+    let after = server.usage_reported();
+    assert_eq!(out.usage.usage_missing, 1);
+    assert_eq!((out.usage.prompt_tokens, out.usage.completion_tokens), (after.0 - before.0, after.1 - before.1));
+
+    // The reward's stats add every call's usage (both orders).
+    let before = server.usage_reported();
+    let rc = RewardConfig { position: Position::Both, ..Default::default() };
+    let r = reward::reward(&judge, &rc, input("Write about tea.", "GOOD tea", "tea"), 0).await;
+    let mut stats = RewardStats::default();
+    stats.add(&r);
+    let after = server.usage_reported();
+    assert_eq!((stats.judge_prompt_tokens, stats.judge_completion_tokens), (after.0 - before.0, after.1 - before.1));
+    assert_eq!(r.calls.len(), 2);
+
+    // Ratings count too.
+    let before = server.usage_reported();
+    server.push(Behavior::reply("[[SCORE: 7]]"));
+    let rating = judge.rate("Write about tea.", None, "GOOD tea").await;
+    let after = server.usage_reported();
+    assert_eq!(rating.score, Some(7.0));
+    assert_eq!((rating.usage.prompt_tokens, rating.usage.completion_tokens), (after.0 - before.0, after.1 - before.1));
+}
+
+/// Counts the distinct context lengths a request's positions were decoded at.
+#[derive(Default)]
+struct Positions(Mutex<std::collections::BTreeSet<usize>>);
+
+impl CustomLogitsProcessor for Positions {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        self.0.lock().unwrap().insert(context.len());
+        Ok(logits.clone())
+    }
+}
+
+/// The embedded judge's token counts are the prompt ids the engine decoded from and the ids it
+/// generated, checked against an independent request that sees every position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_judge_counts_its_prompt_and_generated_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(&tmp.path().join("judge"), &TinySpec::llama(3));
+    let model = orchestrator::config::ModelConfig { path: dir.clone(), format: Default::default(), dtype: Default::default() };
+    let templates = Templates::builtin();
+    let pairs = [("Write a poem about rain.", "Rain taps the roof.", "Water falls."), ("Describe a market.", "Stalls, voices, oranges.", "A market.")];
+    for mode in [VerdictMode::Generate, VerdictMode::LabelProbability] {
+        let mut cfg = JudgeConfig { kind: JudgeKind::Embedded, mode, reask: false, ..Default::default() };
+        cfg.embedded.max_new_tokens = 12;
+        cfg.embedded.serial = true;
+        let judge = EmbeddedJudge::load(&cfg, &model).await.unwrap();
+        let labels = (mode == VerdictMode::LabelProbability).then(Labels::default);
+        for (p, a, b) in pairs {
+            let c = Comparison { prompt: p, criteria: None, first: a, second: b };
+            let out = judge.compare(c).await;
+            let seen = Arc::new(Positions::default());
+            let max_len = if labels.is_some() { 1 } else { 12 };
+            let req = RequestBuilder::new()
+                .add_message(TextMessageRole::User, templates.pairwise(&c, labels.as_ref()))
+                .set_sampler_max_len(max_len)
+                .add_logits_processor(seen.clone());
+            judge.engine().raw().send_chat_request(req).await.unwrap();
+            let seen = seen.0.lock().unwrap().clone();
+            let prompt = *seen.first().unwrap() as u64;
+            assert_eq!(out.usage.prompt_tokens, prompt, "{mode:?}: prompt tokens");
+            assert_eq!(out.usage.completion_tokens, seen.len() as u64, "{mode:?}: generated tokens ({seen:?})");
+            assert_eq!(out.usage.usage_missing, 0);
+            assert!(out.usage.completion_tokens >= 1 && out.usage.completion_tokens <= max_len as u64);
+            // The prompt is the chat template around the judge prompt: more tokens than its words.
+            assert!(prompt > templates.pairwise(&c, labels.as_ref()).split_whitespace().count() as u64 / 2);
+        }
+    }
+}
+
+#[test]
+fn judge_prices_and_budgets_are_checked_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let load = |text: &str| {
+        let p = write(tmp.path(), "c.toml", text);
+        orchestrator::config::Config::load_with_env(&p, Vec::<(String, String)>::new())
+    };
+    let head = "[model]\npath = \"m\"\n";
+    let cfg = load(&format!(
+        "{head}[run]\nmax_judge_tokens = 5000\nmax_judge_cost = 2.5\n[judge.openai]\nprice_prompt_per_mtok = 0.15\nprice_completion_per_mtok = 0.6\n"
+    ))
+    .unwrap();
+    assert_eq!((cfg.run.max_judge_tokens, cfg.run.max_judge_cost), (5000, 2.5));
+    assert_eq!(cfg.judge.openai.prices(), Some((0.15, 0.6)));
+    let u = orchestrator::judge::Usage { prompt_tokens: 1_000_000, completion_tokens: 500_000, usage_missing: 0 };
+    assert!((cfg.judge.openai.cost(&u).unwrap() - 0.45).abs() < 1e-12);
+    for (text, key) in [
+        ("[judge.openai]\nprice_prompt_per_mtok = -1.0\nprice_completion_per_mtok = 1.0\n", "judge.openai.price_prompt_per_mtok"),
+        ("[judge.openai]\nprice_prompt_per_mtok = 1.0\nprice_completion_per_mtok = nan\n", "judge.openai.price_completion_per_mtok"),
+        ("[judge.openai]\nprice_prompt_per_mtok = inf\nprice_completion_per_mtok = 1.0\n", "judge.openai.price_prompt_per_mtok"),
+        ("[judge.openai]\nprice_prompt_per_mtok = 1.0\n", "judge.openai.price_completion_per_mtok"),
+        ("[run]\nmax_judge_cost = 3.0\n", "run.max_judge_cost"),
+        ("[run]\nmax_judge_cost = -3.0\n", "run.max_judge_cost"),
+        ("[run]\nmax_judge_tokens = -1\n", "max_judge_tokens"),
+    ] {
+        let e = format!("{:#}", load(&format!("{head}{text}")).unwrap_err());
+        assert!(e.contains(key), "{text}: {e}");
     }
 }

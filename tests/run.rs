@@ -928,3 +928,210 @@ fn max_off_policy_steps_is_checked_and_warned_about() {
     let config = s.config("tis", "http://127.0.0.1:9", "steps = 2\nmax_off_policy_steps = 1", TIS);
     assert!(orchestrator::config::Config::load(&config).unwrap().warnings().is_empty());
 }
+
+/// Judge tokens in the metrics are what the server reported, per step, per call and for the
+/// run; with prices, costs too. A token budget stops the run after the step that reached it,
+/// with a checkpoint and exit status 6; resumed as it is, it stops at once; resumed with a
+/// higher budget, it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn judge_tokens_are_metered_and_a_token_budget_stops_the_run_until_raised() {
+    let s = Setup::new(4);
+    let server = ScriptedServer::start(more_a_judge()).await.unwrap();
+    let run = "steps = 3\nbatch_prompts = 2\nn_samples = 2\nsave_every = 10";
+    let config = s.config("meter", &server.base_url(), run, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "breaker_failures = 0",
+        "breaker_failures = 0\nprice_prompt_per_mtok = 2.0\nprice_completion_per_mtok = 10.0",
+    );
+    std::fs::write(&config, text).unwrap();
+    let dir = s.path("runs/meter");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2, 3]);
+    let num = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
+    let (p, c): (u64, u64) = (m.iter().map(|v| num(v, "judge_prompt_tokens")).sum(), m.iter().map(|v| num(v, "judge_completion_tokens")).sum());
+    assert_eq!((p, c), server.usage_reported());
+    assert!(p > 0 && c > 0);
+    let mut total = 0;
+    let mut cost_total = 0.0;
+    for v in &m {
+        let (sp, sc) = (num(v, "judge_prompt_tokens"), num(v, "judge_completion_tokens"));
+        total += sp + sc;
+        assert_eq!(num(v, "judge_tokens_total"), total, "{v}");
+        assert_eq!(num(v, "judge_usage_missing"), 0);
+        let cost = v["judge_cost"].as_f64().unwrap();
+        assert!((cost - (sp as f64 * 2.0 + sc as f64 * 10.0) / 1e6).abs() < 1e-12, "{v}");
+        cost_total += cost;
+        assert!((v["judge_cost_total"].as_f64().unwrap() - cost_total).abs() < 1e-12, "{v}");
+        // Each call's tokens are in the samples log.
+        let calls: Vec<Value> = samples(&dir, num(v, "step")).iter().flat_map(|x| x["calls"].as_array().unwrap().clone()).collect();
+        assert_eq!(calls.iter().map(|c| num(c, "prompt_tokens")).sum::<u64>(), sp);
+        assert_eq!(calls.iter().map(|c| num(c, "completion_tokens")).sum::<u64>(), sc);
+        // TensorBoard gets every one as a scalar.
+        let scalars = orchestrator::tensorboard::scalars(&v.to_string());
+        for k in ["judge_prompt_tokens", "judge_completion_tokens", "judge_tokens_total", "judge_cost", "judge_cost_total", "judge_usage_missing"] {
+            assert!(scalars.iter().any(|(t, _)| t == &format!("judge/{k}")), "{k}: {scalars:?}");
+        }
+    }
+    let report = orchestrator::report::run(&dir, None).unwrap();
+    assert!(std::fs::metadata(report.join("judge_tokens.png")).unwrap().len() > 10_000);
+    let md = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(md.contains(&format!("Judge tokens, these steps: {}", p + c)) && md.contains("Judge cost"), "{md}");
+
+    // A budget of one token: the first step reaches it.
+    let server = ScriptedServer::start(more_a_judge()).await.unwrap();
+    let run = "steps = 4\nbatch_prompts = 2\nn_samples = 2\nsave_every = 10\nmax_judge_tokens = 1";
+    let config = s.config("budget", &server.base_url(), run, "");
+    let dir = s.path("runs/budget");
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("judge budget reached: run.max_judge_tokens = 1") && err.contains("--allow-config-change run.max_judge_tokens"), "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1]);
+    let used = server.usage_reported();
+    assert_eq!(num(&m[0], "judge_tokens_total"), used.0 + used.1);
+    assert!(err.contains(&format!("{} judge tokens used", used.0 + used.1)), "{err}");
+    let state = json(&dir.join("checkpoints/step-000001/trainer.json"));
+    assert_eq!(state["judge_spent"]["prompt_tokens"].as_u64(), Some(used.0), "{state}");
+    assert!(dir.join("checkpoints/step-000001/manifest.json").is_file());
+
+    // Resumed as it is: past its budget, it stops at once with the same status.
+    let requests = server.request_count();
+    let (code, _, err) = run_to_end(&config, &dir, &[]).await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("run.max_judge_tokens"), "{err}");
+    assert_eq!(server.request_count(), requests, "no judge call past the budget");
+    assert_eq!(steps_of(&read_jsonl(&dir.join("metrics.jsonl")).unwrap()), vec![1]);
+
+    // A higher budget: the run goes on to its end, the total carried over.
+    let text = std::fs::read_to_string(&config).unwrap().replace("max_judge_tokens = 1\n", "max_judge_tokens = 1000000000\n");
+    std::fs::write(&config, text).unwrap();
+    let (code, _, err) = run_to_end(&config, &dir, &["--allow-config-change", "run.max_judge_tokens"]).await;
+    assert_eq!(code, 0, "{err}");
+    let m = read_jsonl(&dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&m), vec![1, 2, 3, 4]);
+    let used = server.usage_reported();
+    assert_eq!(num(m.last().unwrap(), "judge_tokens_total"), used.0 + used.1);
+    assert!(m.iter().all(|v| v["judge_cost"].is_null()), "no prices, no cost");
+}
+
+/// `reward.reference = "group"` on a task file without references: every rollout is judged
+/// against a rollout of its own group (both orders), the partners in the samples are the seeded
+/// ones (a resumed run draws the same), the curriculum stays off, and the rewards follow the
+/// judge's in-group verdicts. The same file is refused by the ladder, naming the file and line;
+/// a group with one rollout and curriculum settings are refused naming their keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_reference_compares_each_rollout_with_a_seeded_partner_of_its_group() {
+    use orchestrator::data::{write_tasks, References};
+    use orchestrator::reward::group_partner;
+    use orchestrator::testkit::scripted::rules;
+    let s = Setup::new(4);
+    let tasks: Vec<_> = orchestrator::testkit::letters::letter_tasks(4)
+        .into_iter()
+        .map(|mut t| {
+            t.references.clear();
+            t
+        })
+        .collect();
+    write_tasks(&s.path("tasks.jsonl"), &tasks, References::Optional).unwrap();
+    let server = ScriptedServer::start(more_a_judge()).await.unwrap();
+    let n = 3usize;
+    let group = "\n[reward]\nreference = \"group\"\nposition = \"both\"\n";
+    let make = |name: &str, steps: u64, extra: &str| {
+        let run = format!("steps = {steps}\nbatch_prompts = 2\nn_samples = {n}\nsave_every = 1");
+        let config = s.config(name, &server.base_url(), &run, "");
+        serial_engine(&config);
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}{extra}")).unwrap();
+        config
+    };
+
+    // The ladder refuses the file, naming it and the first line without references; `check`'s
+    // line says which modes the file supports.
+    let ladder = make("ladder", 3, "");
+    let (code, _, err) = run_to_end(&ladder, &s.path("runs/ladder"), &[]).await;
+    assert!(code != 0 && err.contains("tasks.jsonl:1:") && err.contains("no references") && err.contains("needs none"), "{err}");
+    let cfg = orchestrator::config::Config::load(&ladder).unwrap();
+    let e = format!("{:#}", orchestrator::cli::check::tasks_summary(&cfg).unwrap_err());
+    assert!(e.contains("tasks.jsonl:1:") && e.contains("no references"), "{e}");
+    let config = make("group", 3, group);
+    let cfg = orchestrator::config::Config::load(&config).unwrap();
+    let line = orchestrator::cli::check::tasks_summary(&cfg).unwrap().unwrap();
+    assert!(line.starts_with("data.tasks: 4 tasks, 0 with references: reward.reference = \"group\" only"), "{line}");
+
+    // Bad group configs, refused with their keys.
+    for (name, run_n, extra, key) in [
+        ("one", 1, "", "reward.reference"),
+        ("mode", n, "\n[curriculum]\nmode = \"static-strongest\"\n", "curriculum.mode"),
+        ("rule", n, "\n[curriculum]\nadvance_rule = \"majority\"\n", "curriculum.advance_rule"),
+    ] {
+        let run = format!("steps = 1\nn_samples = {run_n}");
+        let c = s.config(name, &server.base_url(), &run, "");
+        let text = std::fs::read_to_string(&c).unwrap();
+        std::fs::write(&c, format!("{text}{group}{extra}")).unwrap();
+        let e = format!("{:#}", orchestrator::config::Config::load(&c).unwrap_err());
+        assert!(e.contains(&format!("{key}:")) && e.contains(&format!("{name}.toml")), "{e}");
+        if name == "one" {
+            assert!(e.contains("run.n_samples >= 2, got 1"), "{e}");
+        }
+    }
+
+    // A straight run, and one stopped after step 2 and resumed to step 3.
+    let straight = s.path("runs/straight");
+    let (code, _, err) = run_to_end(&config, &straight, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let requests = server.requests();
+    let resumed_cfg = make("resumed", 2, group);
+    let resumed = s.path("runs/resumed");
+    let (code, _, err) = run_to_end(&resumed_cfg, &resumed, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&resumed_cfg).unwrap().replace("steps = 2", "steps = 3");
+    std::fs::write(&resumed_cfg, text).unwrap();
+    let (code, _, err) = run_to_end(&resumed_cfg, &resumed, &["--allow-config-change", "run.steps"]).await;
+    assert_eq!(code, 0, "{err}");
+
+    // What the judge saw: the two answers of every request.
+    let seen: Vec<(String, String)> = requests.iter().filter_map(|r| rules::answers(&r.prompt())).collect();
+    assert_eq!(seen.len(), requests.len());
+    let mut wanted = Vec::new();
+    for step in 1..=3u64 {
+        let ss = samples(&straight, step);
+        assert_eq!(ss.len(), 2 * n);
+        for x in &ss {
+            let (pi, si) = (x["prompt"].as_u64().unwrap(), x["sample"].as_u64().unwrap() as usize);
+            let partner = x["partner"].as_u64().expect("partner recorded") as usize;
+            assert_eq!(partner, group_partner(11, step, pi, si, n), "step {step} prompt {pi} sample {si}");
+            assert_ne!(partner, si);
+            let other = ss.iter().find(|y| y["prompt"].as_u64() == Some(pi) && y["sample"].as_u64() == Some(partner as u64)).unwrap();
+            assert_eq!(other["task_id"], x["task_id"], "the partner is of the same prompt");
+            let (me, them) = (x["response"].as_str().unwrap().trim().to_string(), other["response"].as_str().unwrap().trim().to_string());
+            let calls = x["calls"].as_array().unwrap();
+            assert_eq!(calls.len(), 2, "position = both: two calls");
+            for c in calls {
+                let pair = if c["response_first"].as_bool().unwrap() { (me.clone(), them.clone()) } else { (them.clone(), me.clone()) };
+                assert!(seen.contains(&pair), "the judge never saw {pair:?}");
+                wanted.push(pair);
+            }
+            // The reward is the in-group verdict of the 'a'-counting judge.
+            let want = match me.matches('a').count().cmp(&them.matches('a').count()) {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Equal => 0.5,
+                std::cmp::Ordering::Less => 0.0,
+            };
+            assert_eq!(x["reward"].as_f64(), Some(want), "{x}");
+            assert_eq!(x["level"].as_u64(), Some(0));
+        }
+        // The resumed run repeats the straight run's pairs and texts.
+        let rs = samples(&resumed, step);
+        let key = |v: &Value| (v["prompt"].clone(), v["sample"].clone(), v["partner"].clone(), v["response"].clone(), v["reward"].clone());
+        assert_eq!(rs.iter().map(key).collect::<Vec<_>>(), ss.iter().map(key).collect::<Vec<_>>(), "step {step}");
+    }
+    assert_eq!(wanted.len(), seen.len(), "every judge request was an in-group pair of a sample");
+    // The curriculum is off: nothing advanced, every task at level 0.
+    for v in read_jsonl(&straight.join("metrics.jsonl")).unwrap() {
+        assert_eq!(v["advanced"].as_u64(), Some(0));
+        assert_eq!(v["levels"], serde_json::json!([4]));
+        assert_eq!(v["trained"], v["scored"]);
+    }
+}

@@ -1,6 +1,7 @@
 //! Subcommand implementations; `main.rs` only parses arguments.
 
 pub mod bench_learner;
+pub mod check;
 pub mod eval;
 pub mod export;
 pub mod generate;

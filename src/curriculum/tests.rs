@@ -488,3 +488,30 @@ fn restore_refuses_a_mismatch() {
     assert_eq!(c.state(), &state);
     assert!(Curriculum::new(&cfg, &tasks(&[2, 0])).is_err());
 }
+
+/// `reward.reference = "group"`: tasks without references are accepted, wins never move a level,
+/// nothing counts as at its top, and a restore keeps the saved levels as they were. The ladder
+/// still refuses a task without references.
+#[test]
+fn group_reference_turns_the_curriculum_off() {
+    let ts = tasks(&[0, 3, 0]);
+    let e = format!("{:#}", Curriculum::new(&CurriculumConfig::default(), &ts).unwrap_err());
+    assert!(e.contains("\"t0\" has no references"), "{e}");
+    let cfg = CurriculumConfig::default();
+    let mut c = Curriculum::new_for(&cfg, &ts, Reference::Group).unwrap();
+    let w = [Outcome::Win, Outcome::Win];
+    for _ in 0..3 {
+        let m = c.advance([("t0", &w[..]), ("t1", &w[..]), ("t2", &w[..])]).unwrap();
+        assert_eq!((m.advanced, m.at_top, m.histogram.clone()), (0, 0, vec![3, 0, 0]));
+    }
+    assert_eq!((c.level("t0"), c.level("t1"), c.reference(&ts[0])), (Some(0), Some(0), None));
+    assert!(c.advance([("nope", &w[..])]).is_err());
+    // A ladder run's levels, resumed in group mode: kept, never moved.
+    let with_refs = tasks(&[2, 3]);
+    let mut ladder = Curriculum::new(&cfg, &with_refs).unwrap();
+    ladder.advance([("t1", &w[..])]).unwrap();
+    let mut off = Curriculum::restore_for(&cfg, &with_refs, ladder.state().clone(), Reference::Group).unwrap();
+    off.advance([("t0", &w[..]), ("t1", &w[..])]).unwrap();
+    assert_eq!(off.state().levels, ladder.state().levels);
+    assert_eq!((off.level("t0"), off.level("t1")), (Some(0), Some(1)));
+}

@@ -68,7 +68,11 @@ impl Task {
             return Err(format!("task {:?}: empty prompt", self.id));
         }
         if need_references && self.references.is_empty() {
-            return Err(format!("task {:?}: no references (at least one is required)", self.id));
+            return Err(format!(
+                "task {:?}: no references (at least one is required with reward.reference = \"ladder\"; \
+                 reward.reference = \"group\" needs none)",
+                self.id
+            ));
         }
         if let Some(i) = self.references.iter().position(|r| r.trim().is_empty()) {
             return Err(format!("task {:?}: references[{i}] is empty", self.id));
@@ -144,7 +148,8 @@ pub fn write_tasks(path: &Path, tasks: &[Task], refs: References) -> Result<()> 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Native task JSONL for `run` (every task needs at least one reference).
+    /// Native task JSONL for `run` (every task needs at least one reference, unless
+    /// `reward.reference = "group"`).
     pub tasks: Option<PathBuf>,
     /// Optional held-out tasks for evaluation.
     pub eval_tasks: Option<PathBuf>,

@@ -88,6 +88,25 @@ pub struct OpenAiConfig {
     pub breaker_cooldown_secs: f64,
     /// Label-probability mode: alternatives requested per position.
     pub top_logprobs: u32,
+    /// Price of a million prompt / completion tokens (any currency; both or neither): each step
+    /// then logs `judge_cost` and `judge_cost_total`, and `run.max_judge_cost` can be set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_prompt_per_mtok: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_completion_per_mtok: Option<f64>,
+}
+
+impl OpenAiConfig {
+    /// (prompt, completion) price per million tokens, when both are set.
+    pub fn prices(&self) -> Option<(f64, f64)> {
+        Some((self.price_prompt_per_mtok?, self.price_completion_per_mtok?))
+    }
+
+    /// What `usage` cost at [`OpenAiConfig::prices`]; None without prices.
+    pub fn cost(&self, usage: &super::Usage) -> Option<f64> {
+        let (p, c) = self.prices()?;
+        Some((usage.prompt_tokens as f64 * p + usage.completion_tokens as f64 * c) / 1e6)
+    }
 }
 
 impl Default for OpenAiConfig {
@@ -107,6 +126,8 @@ impl Default for OpenAiConfig {
             breaker_failures: 20,
             breaker_cooldown_secs: 60.0,
             top_logprobs: 20,
+            price_prompt_per_mtok: None,
+            price_completion_per_mtok: None,
         }
     }
 }
@@ -179,6 +200,15 @@ impl JudgeConfig {
         }
         p.seconds(&k("max_retry_after_secs"), o.max_retry_after_secs, 0.0);
         p.seconds(&k("breaker_cooldown_secs"), o.breaker_cooldown_secs, 0.0);
+        let prices = [("price_prompt_per_mtok", o.price_prompt_per_mtok), ("price_completion_per_mtok", o.price_completion_per_mtok)];
+        for (name, v) in prices {
+            if let Some(v) = v {
+                p.at_least(&k(name), v, 0.0);
+            }
+        }
+        if let [(set, Some(_)), (unset, None)] | [(unset, None), (set, Some(_))] = prices {
+            p.push(&k(unset), format!("must be set with {} (0 for free tokens)", k(set)));
+        }
         if !(1..=20).contains(&o.top_logprobs) {
             p.push(&k("top_logprobs"), format!("must be in 1..=20, got {}", o.top_logprobs));
         }

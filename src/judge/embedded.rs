@@ -17,7 +17,7 @@ use mistralrs::{CustomLogitsProcessor, RequestBuilder, Tensor, TextMessageRole};
 
 use super::templates::Templates;
 use super::verdict::{self, Labels};
-use super::{Comparison, Judge, JudgeConfig, JudgeOutput, Judgement, RatingOutput, VerdictMode};
+use super::{Comparison, Judge, JudgeConfig, JudgeOutput, Judgement, RatingOutput, Usage, VerdictMode};
 use crate::model::ModelConfig;
 use crate::engine::{EngineConfig, MistralEngine};
 
@@ -107,26 +107,30 @@ impl EmbeddedJudge {
 
     /// Asks `prompt`, parses the reply, and on a parse failure (when re-asking is on) asks once
     /// more with `reask` in the same conversation. Returns the parse or the reason it failed,
-    /// and every reply for the samples log.
+    /// every reply for the samples log, and the tokens of every ask.
     async fn ask<T>(
         &self,
         prompt: String,
         reask: &str,
         parse: impl Fn(&str) -> std::result::Result<T, String>,
-    ) -> (std::result::Result<T, String>, String) {
+    ) -> (std::result::Result<T, String>, String, Usage) {
         let join = |raw: &[String]| raw.join("\n--- re-ask ---\n");
         let mut messages = vec![(TextMessageRole::User, prompt)];
         let mut raw = Vec::new();
+        let mut usage = Usage::default();
         let asks = if self.reask { 2 } else { 1 };
         let mut why = String::new();
         for ask in 0..asks {
             let text = match self.generate(&messages).await {
-                Ok(t) => t,
-                Err(e) => return (Err(format!("{e:#}")), join(&raw)),
+                Ok((t, u)) => {
+                    usage.add(u);
+                    t
+                }
+                Err(e) => return (Err(format!("{e:#}")), join(&raw), usage),
             };
             raw.push(text.clone());
             match parse(&text) {
-                Ok(v) => return (Ok(v), join(&raw)),
+                Ok(v) => return (Ok(v), join(&raw), usage),
                 Err(f) => why = f,
             }
             if ask + 1 < asks {
@@ -135,25 +139,30 @@ impl EmbeddedJudge {
             }
         }
         let reason = if self.reask { format!("{why} (after one re-ask)") } else { why };
-        (Err(reason), join(&raw))
+        (Err(reason), join(&raw), usage)
     }
 
-    async fn generate(&self, messages: &[(TextMessageRole, String)]) -> Result<String> {
+    /// The reply's text and its tokens: the prompt ids the engine tokenised (chat template
+    /// included) and the ids it generated, as mistral.rs counts them for the sequence.
+    async fn generate(&self, messages: &[(TextMessageRole, String)]) -> Result<(String, Usage)> {
         let resp = self
             .engine
             .send(Self::request(messages, self.max_new_tokens))
             .await
             .context("embedded judge generation failed")?;
+        let usage = usage_of(&resp.usage);
         let choice = resp.choices.into_iter().next().context("embedded judge returned no choice")?;
-        Ok(choice.message.content.unwrap_or_default())
+        Ok((choice.message.content.unwrap_or_default(), usage))
     }
 
-    /// Label probabilities at the first generated position, and the label the engine emitted.
-    async fn label_probs(&self, prompt: &str, ids: [u32; 3]) -> Result<(super::LabelProbs, String)> {
+    /// Label probabilities at the first generated position, the label the engine emitted, and
+    /// the tokens of the call.
+    async fn label_probs(&self, prompt: &str, ids: [u32; 3]) -> Result<(super::LabelProbs, String, Usage)> {
         let capture = Arc::new(FirstLogits::default());
         let req = Self::request(&[(TextMessageRole::User, prompt.to_string())], 1)
             .add_logits_processor(capture.clone());
         let resp = self.engine.send(req).await.context("embedded judge forward failed")?;
+        let usage = usage_of(&resp.usage);
         let text = resp
             .choices
             .into_iter()
@@ -166,8 +175,13 @@ impl EmbeddedJudge {
                 format!("label token {id} is outside the judge's vocabulary of {}", logits.len())
             })
         };
-        Ok((verdict::softmax3([pick(ids[0])?, pick(ids[1])?, pick(ids[2])?]), text))
+        Ok((verdict::softmax3([pick(ids[0])?, pick(ids[1])?, pick(ids[2])?]), text, usage))
     }
+}
+
+/// The engine's token counts of one finished request.
+fn usage_of(u: &mistralrs::Usage) -> Usage {
+    Usage { prompt_tokens: u.prompt_tokens as u64, completion_tokens: u.completion_tokens as u64, usage_missing: 0 }
 }
 
 /// Resolves the three labels to single token ids with the judge's own tokenizer.
@@ -209,7 +223,7 @@ impl Judge for EmbeddedJudge {
             // Always parseable: one forward pass, probabilities of the three labels.
             let prompt = self.templates.pairwise(&c, Some(&self.labels));
             return match self.label_probs(&prompt, ids).await {
-                Ok((p, text)) => JudgeOutput {
+                Ok((p, text, usage)) => JudgeOutput {
                     judgement: Judgement::Scored {
                         verdict: verdict::verdict_from_probs(&p, self.tie_margin),
                         probs: Some(p),
@@ -217,21 +231,23 @@ impl Judge for EmbeddedJudge {
                     raw: text,
                     latency_ms: ms(start),
                     retries: 0,
+                    usage,
                 },
                 Err(e) => JudgeOutput::unscored(format!("{e:#}"), String::new(), ms(start), 0),
             };
         }
         let prompt = self.templates.pairwise(&c, None);
         let reask = "Reply with the verdict tag only: [[A]], [[B]] or [[TIE]].";
-        let (parsed, raw) = self.ask(prompt, reask, |t| verdict::parse_verdict(t).map_err(|f| f.to_string())).await;
+        let (parsed, raw, usage) = self.ask(prompt, reask, |t| verdict::parse_verdict(t).map_err(|f| f.to_string())).await;
         match parsed {
             Ok(v) => JudgeOutput {
                 judgement: Judgement::Scored { verdict: v, probs: None },
                 raw,
                 latency_ms: ms(start),
                 retries: 0,
+                usage,
             },
-            Err(reason) => JudgeOutput::unscored(reason, raw, ms(start), 0),
+            Err(reason) => JudgeOutput::unscored(reason, raw, ms(start), 0).with_usage(usage),
         }
     }
 
@@ -239,11 +255,11 @@ impl Judge for EmbeddedJudge {
         let start = Instant::now();
         let reask = "Reply with the score tag only, for example [[SCORE: 6]].";
         let prompt = self.templates.pointwise(prompt, criteria, answer);
-        let (parsed, raw) = self.ask(prompt, reask, |t| verdict::parse_score(t).map_err(|f| f.to_string())).await;
+        let (parsed, raw, usage) = self.ask(prompt, reask, |t| verdict::parse_score(t).map_err(|f| f.to_string())).await;
         let (score, reason) = match parsed {
             Ok(s) => (Some(s), None),
             Err(reason) => (None, Some(reason)),
         };
-        RatingOutput { score, reason, raw, latency_ms: ms(start), retries: 0 }
+        RatingOutput { score, reason, raw, latency_ms: ms(start), retries: 0, usage }
     }
 }

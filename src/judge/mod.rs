@@ -58,6 +58,50 @@ pub struct Comparison<'a> {
     pub second: &'a str,
 }
 
+/// Tokens judge calls used: `usage.prompt_tokens` / `usage.completion_tokens` of an endpoint's
+/// replies (every attempt's, retries and re-asks included), or for the embedded judge the
+/// engine's counts of the prompt ids it sent and the ids it generated. A reply whose `usage`
+/// is absent or unusable counts 0 tokens and 1 in `usage_missing`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Replies that carried no usable token counts.
+    pub usage_missing: u32,
+}
+
+/// Largest token count of one reply taken as real; above it (or negative, fractional, not a
+/// number) the reply's usage is treated as missing.
+pub const MAX_REPLY_TOKENS: u64 = 1_000_000_000;
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Usage::default()
+    }
+
+    /// Adds `o`; sums saturate instead of overflowing.
+    pub fn add(&mut self, o: Usage) {
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.usage_missing = self.usage_missing.saturating_add(o.usage_missing);
+    }
+
+    /// The `usage` object of an OpenAI-style reply body: both counts must be integers in
+    /// 0..=[`MAX_REPLY_TOKENS`], else the reply counts as one with its usage missing.
+    pub fn from_reply(body: &serde_json::Value) -> Usage {
+        let count = |k: &str| body.get("usage")?.get(k)?.as_u64().filter(|&n| n <= MAX_REPLY_TOKENS);
+        match (count("prompt_tokens"), count("completion_tokens")) {
+            (Some(p), Some(c)) => Usage { prompt_tokens: p, completion_tokens: c, usage_missing: 0 },
+            _ => Usage { usage_missing: 1, ..Usage::default() },
+        }
+    }
+}
+
 /// A judgement plus what the samples log and the metrics need.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JudgeOutput {
@@ -66,6 +110,9 @@ pub struct JudgeOutput {
     pub raw: String,
     pub latency_ms: u64,
     pub retries: u32,
+    /// Tokens this call used, every attempt's (absent in checkpoints written before it existed).
+    #[serde(flatten)]
+    pub usage: Usage,
 }
 
 /// A pointwise rating (1-10) of one answer against the task's criteria.
@@ -77,6 +124,8 @@ pub struct RatingOutput {
     pub raw: String,
     pub latency_ms: u64,
     pub retries: u32,
+    #[serde(flatten)]
+    pub usage: Usage,
 }
 
 /// Whether the judge can be used. A judge whose circuit breaker is open answers every call
@@ -105,7 +154,12 @@ pub trait Judge: Send + Sync {
 
 impl JudgeOutput {
     pub fn unscored(reason: impl Into<String>, raw: String, latency_ms: u64, retries: u32) -> Self {
-        Self { judgement: Judgement::Unscored { reason: reason.into() }, raw, latency_ms, retries }
+        Self { judgement: Judgement::Unscored { reason: reason.into() }, raw, latency_ms, retries, usage: Usage::default() }
+    }
+
+    pub fn with_usage(mut self, usage: Usage) -> Self {
+        self.usage = usage;
+        self
     }
 }
 

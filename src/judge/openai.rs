@@ -25,7 +25,7 @@ use super::templates::Templates;
 use super::verdict::{self, Labels};
 use super::{
     Comparison, Judge, JudgeConfig, JudgeHealth, JudgeOutput, Judgement, OpenAiConfig, RatingOutput,
-    VerdictMode,
+    Usage, VerdictMode,
 };
 
 /// A secret read from the environment. Its `Debug` and `Display` never show it.
@@ -257,8 +257,9 @@ impl OpenAiJudge {
         b
     }
 
-    /// One HTTP exchange, holding a concurrency permit.
-    async fn attempt(&self, body: &Value) -> Result<Reply, Failure> {
+    /// One HTTP exchange, holding a concurrency permit. Every 2xx reply's token usage is added
+    /// to `usage` (a reply without a usable `usage` as missing), whether or not it is usable.
+    async fn attempt(&self, body: &Value, usage: &Mutex<Usage>) -> Result<Reply, Failure> {
         let _permit = self.permits.acquire().await.expect("semaphore never closed");
         let timeout = Duration::from_secs_f64(self.cfg.timeout_secs);
         let mut req = self.client.post(&self.url).json(body).timeout(timeout);
@@ -300,7 +301,9 @@ impl OpenAiJudge {
                 Failure::Final(msg)
             });
         }
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| Failure::Retryable {
+        let parsed = serde_json::from_slice::<Value>(&bytes);
+        usage.lock().unwrap().add(parsed.as_ref().map(Usage::from_reply).unwrap_or(Usage { usage_missing: 1, ..Usage::default() }));
+        let v: Value = parsed.map_err(|e| Failure::Retryable {
             msg: format!("malformed JSON response: {e}"),
             retry_after: None,
         })?;
@@ -316,10 +319,11 @@ impl OpenAiJudge {
         Ok(Reply { content, top })
     }
 
-    /// One chat call with retries. Ok(reply, retries) or Err(reason, retries).
-    async fn chat(&self, messages: &[(&str, String)], label_mode: bool) -> (Result<Reply, String>, u32) {
+    /// One chat call with retries: Ok(reply) or Err(reason), the retries, and the tokens every
+    /// attempt's reply reported.
+    async fn chat(&self, messages: &[(&str, String)], label_mode: bool) -> (Result<Reply, String>, u32, Usage) {
         if let Err(down) = self.breaker.admit() {
-            return (Err(down), 0);
+            return (Err(down), 0, Usage::default());
         }
         let body = self.body(messages, label_mode);
         let backoff = ExponentialBuilder::default()
@@ -331,7 +335,8 @@ impl OpenAiJudge {
         let max_wait = Duration::from_secs_f64(self.cfg.max_retry_after_secs);
         let retries = std::sync::atomic::AtomicU32::new(0);
         let gave_up_on_wait = Mutex::new(None::<Duration>);
-        let result = (|| self.attempt(&body))
+        let usage = Mutex::new(Usage::default());
+        let result = (|| self.attempt(&body, &usage))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|f: &Failure| matches!(f, Failure::Retryable { .. }))
@@ -351,10 +356,11 @@ impl OpenAiJudge {
             })
             .await;
         let retries = retries.into_inner();
+        let usage = usage.into_inner().unwrap();
         match result {
             Ok(reply) => {
                 self.breaker.success();
-                (Ok(reply), retries)
+                (Ok(reply), retries, usage)
             }
             Err(f) => {
                 let mut msg = match &f {
@@ -369,7 +375,7 @@ impl OpenAiJudge {
                     );
                 }
                 self.breaker.failure(&msg);
-                (Err(msg), retries)
+                (Err(msg), retries, usage)
             }
         }
     }
@@ -432,20 +438,22 @@ impl Judge for OpenAiJudge {
         let mut messages = vec![("user", prompt)];
         let mut raw = Vec::new();
         let mut retries = 0;
+        let mut usage = Usage::default();
         let asks = if self.reask { 2 } else { 1 };
         let mut why = String::new();
         for ask in 0..asks {
-            let (reply, r) = self.chat(&messages, label_mode).await;
+            let (reply, r, u) = self.chat(&messages, label_mode).await;
             retries += r;
+            usage.add(u);
             let ms = start.elapsed().as_millis() as u64;
             let reply = match reply {
                 Ok(reply) => reply,
-                Err(e) => return JudgeOutput::unscored(e, raw.join("\n--- re-ask ---\n"), ms, retries),
+                Err(e) => return JudgeOutput::unscored(e, raw.join("\n--- re-ask ---\n"), ms, retries).with_usage(usage),
             };
             raw.push(reply.content.clone());
             match self.read_verdict(&reply, label_mode) {
                 Ok(judgement) => {
-                    return JudgeOutput { judgement, raw: raw.join("\n--- re-ask ---\n"), latency_ms: ms, retries }
+                    return JudgeOutput { judgement, raw: raw.join("\n--- re-ask ---\n"), latency_ms: ms, retries, usage }
                 }
                 Err(e) => why = e,
             }
@@ -464,6 +472,7 @@ impl Judge for OpenAiJudge {
         }
         let reason = if self.reask { format!("{why} (after one re-ask)") } else { why };
         JudgeOutput::unscored(reason, raw.join("\n--- re-ask ---\n"), start.elapsed().as_millis() as u64, retries)
+            .with_usage(usage)
     }
 
     async fn rate(&self, prompt: &str, criteria: Option<&str>, answer: &str) -> RatingOutput {
@@ -471,11 +480,13 @@ impl Judge for OpenAiJudge {
         let mut messages = vec![("user", self.templates.pointwise(prompt, criteria, answer))];
         let mut raw = Vec::new();
         let mut retries = 0;
+        let mut usage = Usage::default();
         let asks = if self.reask { 2 } else { 1 };
         let mut why = String::new();
         for ask in 0..asks {
-            let (reply, r) = self.chat(&messages, false).await;
+            let (reply, r, u) = self.chat(&messages, false).await;
             retries += r;
+            usage.add(u);
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(e) => {
@@ -485,6 +496,7 @@ impl Judge for OpenAiJudge {
                         raw: raw.join("\n--- re-ask ---\n"),
                         latency_ms: start.elapsed().as_millis() as u64,
                         retries,
+                        usage,
                     }
                 }
             };
@@ -497,6 +509,7 @@ impl Judge for OpenAiJudge {
                         raw: raw.join("\n--- re-ask ---\n"),
                         latency_ms: start.elapsed().as_millis() as u64,
                         retries,
+                        usage,
                     }
                 }
                 Err(f) => why = f.to_string(),
@@ -512,6 +525,7 @@ impl Judge for OpenAiJudge {
             raw: raw.join("\n--- re-ask ---\n"),
             latency_ms: start.elapsed().as_millis() as u64,
             retries,
+            usage,
         }
     }
 

@@ -7,6 +7,10 @@
 //! content, connection reset), a delay in front of another behaviour, or a rule: a function of
 //! the [`RecordedRequest`] that returns the behaviour to use (see [`rules`]).
 //!
+//! Every 200 reply carries `usage` with known counts ([`usage_of`]: whitespace-separated words
+//! of the request's messages and of the reply), summed in [`ScriptedServer::usage_reported`];
+//! [`Behavior::WithUsage`] sends any other `usage` value instead (or none).
+//!
 //! The server records every request (arrival time, `Authorization` header, JSON body) and
 //! counts requests in flight, keeping the maximum it ever saw ([`ScriptedServer::max_in_flight`]).
 //! A request stops counting when it is answered or when its client goes away (hyper drops the
@@ -64,6 +68,9 @@ pub enum Behavior {
     EmptyContent,
     /// Resets the TCP connection without answering.
     Reset,
+    /// The inner behaviour with this `usage` value sent as is instead of the counted one
+    /// (`Null`: no `usage` field); not added to [`ScriptedServer::usage_reported`].
+    WithUsage(Value, Box<Behavior>),
     /// Decides per request.
     Rule(Arc<dyn Fn(&RecordedRequest) -> Behavior + Send + Sync>),
 }
@@ -79,6 +86,7 @@ impl std::fmt::Debug for Behavior {
             Behavior::MissingChoices => write!(f, "MissingChoices"),
             Behavior::EmptyContent => write!(f, "EmptyContent"),
             Behavior::Reset => write!(f, "Reset"),
+            Behavior::WithUsage(u, b) => write!(f, "WithUsage({u}, {b:?})"),
             Behavior::Rule(_) => write!(f, "Rule(..)"),
         }
     }
@@ -120,6 +128,10 @@ impl Behavior {
     }
     pub fn rule(f: impl Fn(&RecordedRequest) -> Behavior + Send + Sync + 'static) -> Self {
         Behavior::Rule(Arc::new(f))
+    }
+    /// `then` with `usage` sent as is (see [`Behavior::WithUsage`]).
+    pub fn with_usage(usage: Value, then: Behavior) -> Self {
+        Behavior::WithUsage(usage, Box::new(then))
     }
 }
 
@@ -175,6 +187,8 @@ struct State {
     count: AtomicUsize,
     in_flight: InFlightGauge,
     connections: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// (prompt, completion) tokens of every counted `usage` sent.
+    usage: Mutex<(u64, u64)>,
 }
 
 /// The server; it stops when dropped.
@@ -209,6 +223,7 @@ impl ScriptedServer {
             count: AtomicUsize::new(0),
             in_flight: InFlightGauge::default(),
             connections: Mutex::new(Vec::new()),
+            usage: Mutex::new((0, 0)),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -272,6 +287,11 @@ impl ScriptedServer {
         self.state.in_flight.max()
     }
 
+    /// (prompt, completion) tokens of every counted `usage` sent so far.
+    pub fn usage_reported(&self) -> (u64, u64) {
+        *self.state.usage.lock().unwrap()
+    }
+
     /// Forgets recorded requests and the in-flight maximum (the queue is kept).
     pub fn reset_stats(&self) {
         self.state.log.lock().unwrap().clear();
@@ -296,7 +316,15 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-fn completion(req: &RecordedRequest, content: Value, logprobs: Value) -> String {
+/// The `usage` the server reports for answering `req` with `content`: prompt tokens are the
+/// whitespace-separated words of every message's content, completion tokens those of the reply.
+pub fn usage_of(req: &RecordedRequest, content: &str) -> (u64, u64) {
+    let words = |s: &str| s.split_whitespace().count() as u64;
+    (req.messages().iter().map(|(_, c)| words(c)).sum(), words(content))
+}
+
+/// A 200 body; `usage` None = the counted usage (added to the server's sums).
+fn completion(state: &State, req: &RecordedRequest, content: Value, logprobs: Value, usage: Option<Value>) -> String {
     let mut choice = json!({
         "index": 0,
         "message": {"role": "assistant", "content": content},
@@ -305,15 +333,23 @@ fn completion(req: &RecordedRequest, content: Value, logprobs: Value) -> String 
     if !logprobs.is_null() {
         choice["logprobs"] = logprobs;
     }
-    json!({
+    let usage = usage.unwrap_or_else(|| {
+        let (p, c) = usage_of(req, content.as_str().unwrap_or_default());
+        let mut sum = state.usage.lock().unwrap();
+        *sum = (sum.0 + p, sum.1 + c);
+        json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+    });
+    let mut body = json!({
         "id": format!("scripted-{}", req.index),
         "object": "chat.completion",
         "created": 0,
         "model": req.body["model"].clone(),
         "choices": [choice],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-    })
-    .to_string()
+    });
+    if !usage.is_null() {
+        body["usage"] = usage;
+    }
+    body.to_string()
 }
 
 async fn handle(
@@ -348,15 +384,20 @@ async fn handle(
     }
     let first = state.queue.lock().unwrap().pop_front();
     let mut b = first.unwrap_or_else(|| state.default.lock().unwrap().clone());
+    let mut usage = None;
     loop {
         b = match b {
+            Behavior::WithUsage(u, inner) => {
+                usage = Some(u);
+                *inner
+            }
             Behavior::Rule(f) => f(&rec),
             Behavior::Delay(d, inner) => {
                 tokio::time::sleep(d).await;
                 *inner
             }
             Behavior::Reply(text) => {
-                return Ok(json_response(StatusCode::OK, completion(&rec, json!(text), Value::Null)))
+                return Ok(json_response(StatusCode::OK, completion(&state, &rec, json!(text), Value::Null, usage)))
             }
             Behavior::ReplyWithLogprobs { content, top_logprobs } => {
                 let top: Vec<Value> = top_logprobs
@@ -369,7 +410,7 @@ async fn handle(
                     "token": first_tok, "logprob": first_lp, "bytes": first_tok.as_bytes(),
                     "top_logprobs": top,
                 }]});
-                return Ok(json_response(StatusCode::OK, completion(&rec, json!(content), lp)));
+                return Ok(json_response(StatusCode::OK, completion(&state, &rec, json!(content), lp, usage)));
             }
             Behavior::Error { status, message, retry_after } => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -392,7 +433,7 @@ async fn handle(
                 ))
             }
             Behavior::EmptyContent => {
-                return Ok(json_response(StatusCode::OK, completion(&rec, json!(""), Value::Null)))
+                return Ok(json_response(StatusCode::OK, completion(&state, &rec, json!(""), Value::Null, usage)))
             }
             Behavior::Reset => {
                 // SO_LINGER 0: closing the socket sends RST instead of FIN.

@@ -45,7 +45,7 @@ use crate::rundir::RunDir;
 use offpolicy::Pending;
 use record::StepRecord;
 use crate::rundir::{LEARNER_DIR, POLICY_DIR};
-use state::TrainerState;
+use state::{JudgeSpent, TrainerState};
 use rollouts::Judged;
 use sync::Served;
 
@@ -59,6 +59,9 @@ pub enum Ended {
     Interrupted { step: u64, run_dir: PathBuf },
     /// The judge's breaker stayed open: checkpointed at `step` (the step in progress was dropped).
     JudgeDown { step: u64, run_dir: PathBuf, reason: String },
+    /// The run's judge spending reached `key` (`run.max_judge_tokens` or `run.max_judge_cost`):
+    /// checkpointed at `step`, the step that reached it; `reason` names the key and the totals.
+    JudgeBudget { step: u64, run_dir: PathBuf, key: &'static str, reason: String },
 }
 
 /// The chat messages of a task's prompt.
@@ -173,6 +176,8 @@ pub struct Trainer {
     step: u64,
     dirty: bool,
     last_saved: u64,
+    /// Judge tokens and cost of every step trained so far (restored from the checkpoint).
+    judge_spent: JudgeSpent,
     stop: Arc<AtomicBool>,
     stop_notify: Arc<tokio::sync::Notify>,
     bars: Bars,
@@ -197,6 +202,9 @@ impl Trainer {
         let total = self.cfg.run.steps;
         if self.step >= total {
             self.bars.log(format!("run already at step {} of {total}: nothing to do", self.step));
+        } else if let Some((key, reason)) = self.judge_budget_reached() {
+            // Resumed past its budget: stop before spending more.
+            return Ok(Ended::JudgeBudget { step: self.step, run_dir: self.run.root.clone(), key, reason });
         }
         while self.step < total {
             if self.stop.load(Ordering::SeqCst) {
@@ -231,6 +239,10 @@ impl Trainer {
                     self.save_if_needed(None).await?;
                     return Ok(Ended::JudgeDown { step: self.step, run_dir: self.run.root.clone(), reason });
                 }
+                StepEnd::JudgeBudget(key, reason) => {
+                    self.save_if_needed(None).await?;
+                    return Ok(Ended::JudgeBudget { step: self.step, run_dir: self.run.root.clone(), key, reason });
+                }
             }
         }
         self.bars.steps.finish();
@@ -245,6 +257,33 @@ impl Trainer {
     /// The version a remote pool's new generations use.
     fn pool_serving(&self) -> String {
         self.pool.as_ref().map(|p| p.serving()).unwrap_or_default()
+    }
+
+    /// The judge budget the run has reached, as (key, message naming it and the totals); None
+    /// under every budget (or without any). Rollouts already judged for the next step
+    /// (one-step-off) count: their tokens are spent.
+    fn judge_budget_reached(&self) -> Option<(&'static str, String)> {
+        let run = &self.cfg.run;
+        let ahead = self.pending.as_ref().map(|p| p.judge_usage()).unwrap_or_default();
+        let spent = self.judge_spent.plus(&ahead, self.cfg.judge.openai.cost(&ahead));
+        let detail = format!(
+            "{} judge tokens used ({} prompt + {} completion{}{})",
+            spent.tokens(),
+            spent.prompt_tokens,
+            spent.completion_tokens,
+            if ahead.total() > 0 { format!(", {} of them on step {}'s rollouts, judged ahead", ahead.total(), self.step + 1) } else { String::new() },
+            if spent.usage_missing > 0 { format!("; {} replies reported no usage and count 0", spent.usage_missing) } else { String::new() },
+        );
+        if run.max_judge_tokens > 0 && spent.tokens() >= run.max_judge_tokens {
+            return Some(("run.max_judge_tokens", format!("judge budget reached: run.max_judge_tokens = {}, {detail}", run.max_judge_tokens)));
+        }
+        if run.max_judge_cost > 0.0 && self.cfg.judge.openai.prices().is_some() && spent.cost >= run.max_judge_cost {
+            return Some((
+                "run.max_judge_cost",
+                format!("judge budget reached: run.max_judge_cost = {}, judge cost {:.6} ({detail})", run.max_judge_cost, spent.cost),
+            ));
+        }
+        None
     }
 
     async fn interrupted(&mut self) -> Result<Ended> {
@@ -270,6 +309,7 @@ impl Trainer {
             dirty: self.dirty,
             pending: self.pending.as_ref().map(|p| p.step),
             record,
+            judge_spent: self.judge_spent,
         };
         let pending = self.pending.as_ref().map(|p| p.encode()).transpose()?;
         let served_policy = (self.served.owned && self.served.step != self.step).then(|| self.served.path.clone());
@@ -444,13 +484,29 @@ impl Trainer {
 
         record::write_samples(&self.run.samples(), step, &self.tasks, &own)?;
         let mut record = record::step_record(step, &own, &stats, skipped, &cm, update.as_ref(), &self.cfg);
+        let usage = crate::judge::Usage {
+            prompt_tokens: stats.judge_prompt_tokens,
+            completion_tokens: stats.judge_completion_tokens,
+            usage_missing: stats.judge_usage_missing.min(u32::MAX as u64) as u32,
+        };
+        let cost = self.cfg.judge.openai.cost(&usage);
+        self.judge_spent = self.judge_spent.plus(&usage, cost);
+        record.judge_tokens_total = self.judge_spent.tokens();
+        (record.judge_cost, record.judge_cost_total) = (cost, cost.map(|_| self.judge_spent.cost));
         (record.t_generate, record.t_judge_tail, record.t_learn, record.t_overlap) = (t_generate, t_judge_tail, t_learn, t_overlap);
         (record.t_sync, record.sync_bytes) = (t_sync, sync_bytes);
         record.learn_tokens_per_s = update.as_ref().map(|u| u.tokens as f64 / t_learn.max(1e-9));
         record.pool = record::pool_metrics(&self.pool_before, &self.pool_stats(), &self.pool_serving(), t_generate);
 
         let last = step == self.cfg.run.steps;
-        let want_save = step % self.cfg.run.save_every == 0 || last || gave_up.is_some() || pool_short.is_some() || self.stop.load(Ordering::SeqCst);
+        // The step that reaches a judge budget is the run's last (unless it is the last anyway).
+        let budget = if last || gave_up.is_some() { None } else { self.judge_budget_reached() };
+        let want_save = step % self.cfg.run.save_every == 0
+            || last
+            || gave_up.is_some()
+            || budget.is_some()
+            || pool_short.is_some()
+            || self.stop.load(Ordering::SeqCst);
         let mut t_checkpoint = 0.0;
         if want_save {
             let mut saved = record.clone();
@@ -485,7 +541,7 @@ impl Trainer {
         self.bars.steps.inc(1);
         let overlap = if ahead { format!(" (hidden {t_overlap:.1}s)") } else { String::new() };
         self.bars.log(format!(
-            "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s{overlap} sync {:.1}s",
+            "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s{overlap} sync {:.1}s | judge tokens {} (run {})",
             self.cfg.run.steps,
             record.reward_mean.map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into()),
             stats.wins,
@@ -499,6 +555,8 @@ impl Trainer {
             t_judge_tail,
             t_learn,
             t_sync,
+            record.judge_prompt_tokens + record.judge_completion_tokens,
+            record.judge_tokens_total,
         ));
         if let Some(e) = pool_short {
             return Err(e.context(format!(
@@ -506,9 +564,13 @@ impl Trainer {
                 step + 1
             )));
         }
-        Ok(match gave_up {
-            Some(reason) => StepEnd::JudgeDown(reason),
-            None => StepEnd::Done,
+        if let Some((_, reason)) = &budget {
+            self.bars.log(format!("step {step}: {reason}; stopping"));
+        }
+        Ok(match (gave_up, budget) {
+            (Some(reason), _) => StepEnd::JudgeDown(reason),
+            (None, Some((key, reason))) => StepEnd::JudgeBudget(key, reason),
+            (None, None) => StepEnd::Done,
         })
     }
 }
@@ -517,4 +579,6 @@ enum StepEnd {
     Done,
     Interrupted,
     JudgeDown(String),
+    /// A judge budget was reached: (its key, a message naming it and the totals).
+    JudgeBudget(&'static str, String),
 }

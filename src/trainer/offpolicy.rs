@@ -89,6 +89,15 @@ fn bits_to_floats(v: Value) -> Result<Value> {
 }
 
 impl Pending {
+    /// Tokens the judge spent on these rollouts.
+    pub fn judge_usage(&self) -> crate::judge::Usage {
+        let mut u = crate::judge::Usage::default();
+        for j in self.groups.iter().flatten() {
+            u.add(j.reward.usage());
+        }
+        u
+    }
+
     /// The bytes of `pending.json`. Refuses what could not be read back: JSON has no NaN or
     /// infinity (serde writes them as null), so every value is checked and the bytes are read
     /// back before anything is written.
@@ -176,9 +185,18 @@ mod tests {
             raw: "A".into(),
             latency_ms: 3,
             retries: 0,
+            usage: crate::judge::Usage { prompt_tokens: 40, completion_tokens: 2, usage_missing: 0 },
         };
         let call = JudgeCall { response_first: true, output, outcome: Some(Outcome::Win) };
-        let reward = RewardOutcome { calls: vec![call], outcome: Some(Outcome::Win), reward, soft: false, unscored_reason: None, consistent: None };
+        let reward = RewardOutcome {
+            calls: vec![call],
+            outcome: Some(Outcome::Win),
+            reward,
+            soft: false,
+            unscored_reason: None,
+            consistent: None,
+            replaced_usage: Default::default(),
+        };
         Pending {
             step: 2,
             epoch: 0,
@@ -188,7 +206,7 @@ mod tests {
             generated_by: 1,
             t_generate: 1.0,
             t_judge_tail: 0.5,
-            groups: vec![vec![Judged { rollout, reward }]],
+            groups: vec![vec![Judged { rollout, reward, partner: None }]],
         }
     }
 

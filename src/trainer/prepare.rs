@@ -9,6 +9,7 @@ use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::curriculum::Curriculum;
 use crate::data::{read_tasks, References, Task};
+use crate::reward::Reference;
 use crate::rundir::RunDir;
 
 
@@ -74,8 +75,14 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
         .tasks
         .clone()
         .with_context(|| format!("{}: data.tasks: `orchestrator run` needs a task file", opts.config.display()))?;
-    let tasks = read_tasks(&tasks_path, References::Required)?;
-    Curriculum::new(&cfg.curriculum, &tasks)?;
+    // The ladder needs references (an error naming FILE:LINE without one); in-group comparison
+    // needs none.
+    let refs = match cfg.reward.reference {
+        Reference::Ladder => References::Required,
+        Reference::Group => References::Optional,
+    };
+    let tasks = read_tasks(&tasks_path, refs)?;
+    Curriculum::new_for(&cfg.curriculum, &tasks, cfg.reward.reference)?;
     if cfg.judge.kind == crate::judge::JudgeKind::Openai && !cfg.judge.openai.api_key_env.is_empty() {
         let var = &cfg.judge.openai.api_key_env;
         if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {

@@ -78,6 +78,24 @@ pub struct StepRecord {
     /// without calls).
     pub judge_latency_ms_mean: Option<f64>,
     pub judge_latency_ms_max: Option<u64>,
+    /// Judge tokens of this step's rollouts (every attempt, retry and re-ask): the endpoint's
+    /// `usage`, or the embedded judge's own counts. One-step-off, the rollouts judged during a
+    /// step count in the step that trains on them.
+    #[serde(default)]
+    pub judge_prompt_tokens: u64,
+    #[serde(default)]
+    pub judge_completion_tokens: u64,
+    /// Judge replies of this step without usable token counts (counted as 0 tokens).
+    #[serde(default)]
+    pub judge_usage_missing: u64,
+    /// Prompt + completion judge tokens of the run so far (this step included, resumes too).
+    #[serde(default)]
+    pub judge_tokens_total: u64,
+    /// This step's and the run's judge cost at `judge.openai.price_*_per_mtok`; null without prices.
+    #[serde(default)]
+    pub judge_cost: Option<f64>,
+    #[serde(default)]
+    pub judge_cost_total: Option<f64>,
     /// Phase wall times in seconds: where the step's wall time went. `t_judge_tail` is judging
     /// left after the last rollout finished; `t_other` is the step's time outside every phase
     /// (the trainer's own overhead). One-step-off, `t_generate` and `t_judge_tail` are those of
@@ -153,6 +171,9 @@ pub struct CallRecord {
     pub judge_text: String,
     pub latency_ms: u64,
     pub retries: u32,
+    /// The call's tokens (`prompt_tokens`, `completion_tokens`, `usage_missing`).
+    #[serde(flatten)]
+    pub usage: crate::judge::Usage,
 }
 
 /// One rollout in `samples/step-NNNNNN.jsonl`.
@@ -175,6 +196,10 @@ pub struct SampleRecord {
     pub soft: bool,
     pub consistent: Option<bool>,
     pub unscored_reason: Option<String>,
+    /// `reward.reference = "group"`: the `sample` of the rollout of this group it was compared
+    /// with (its text stood in the reference's place); absent with the ladder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<usize>,
     pub calls: Vec<CallRecord>,
 }
 
@@ -195,6 +220,7 @@ impl SampleRecord {
                     judge_text: c.output.raw.clone(),
                     latency_ms: c.output.latency_ms,
                     retries: c.output.retries,
+                    usage: c.output.usage,
                 }
             })
             .collect()
@@ -247,6 +273,7 @@ pub(super) fn write_samples(dir: &Path, step: u64, tasks: &[Arc<Task>], own: &Pe
                 soft: j.reward.soft,
                 consistent: j.reward.consistent,
                 unscored_reason: j.reward.unscored_reason.clone(),
+                partner: j.partner,
                 calls: SampleRecord::calls_of(&j.reward),
             });
         }
@@ -321,6 +348,13 @@ pub(super) fn step_record(
         judge_retries: stats.retries,
         judge_latency_ms_mean: mean_std(&latencies).map(|(m, _)| m),
         judge_latency_ms_max: latencies.iter().map(|&l| l as u64).max(),
+        judge_prompt_tokens: stats.judge_prompt_tokens,
+        judge_completion_tokens: stats.judge_completion_tokens,
+        judge_usage_missing: stats.judge_usage_missing,
+        // The run's totals and costs are the trainer's to fill in.
+        judge_tokens_total: 0,
+        judge_cost: None,
+        judge_cost_total: None,
         t_generate: 0.0,
         t_judge_tail: 0.0,
         t_learn: 0.0,

@@ -15,7 +15,16 @@ fn reward_key(step: u64, prompt: usize, sample: usize) -> u64 {
 pub(super) struct Judged {
     pub(super) rollout: Rollout,
     pub(super) reward: RewardOutcome,
+    /// `reward.reference = "group"`: the sample index of the rollout of the same group this one
+    /// was compared with (see [`reward::group_partner`]); None with the ladder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) partner: Option<usize>,
 }
+
+/// Why a rollout whose partner was canceled is unscored.
+const PARTNER_CANCELED: &str = "its in-group partner's generation was canceled (not judged, not trained on)";
+/// Why a rollout whose partner never came back is unscored.
+const PARTNER_MISSING: &str = "its in-group partner rollout never came back from the engine (not judged, not trained on)";
 
 /// How waiting out an open breaker ended.
 pub(super) enum JudgeDown {
@@ -39,7 +48,7 @@ use crate::data::{Task, TaskSampler};
 use crate::config::OnJudgeDown;
 use crate::engine::{FinishReason, GenRequest, Rollout, SeedKey};
 use crate::judge::JudgeHealth;
-use crate::reward::{self, RewardInput, RewardOutcome};
+use crate::reward::{self, Reference, RewardInput, RewardOutcome};
 use crate::seed::splitmix64;
 
 impl Trainer {
@@ -90,10 +99,16 @@ impl Trainer {
                 seed: SeedKey::new(self.cfg.run.seed, step, pi as u64),
             })
             .collect();
-        let references: Vec<Arc<str>> = batch
+        // The ladder's references; `reference = "group"` compares with a partner rollout instead.
+        let group = self.cfg.reward.reference == Reference::Group;
+        let references: Vec<Option<Arc<str>>> = batch
             .iter()
-            .map(|&ti| Arc::from(self.curriculum.reference(&self.tasks[ti]).expect("every task has a reference")))
+            .map(|&ti| (!group).then(|| Arc::from(self.curriculum.reference(&self.tasks[ti]).expect("every task has a reference"))))
             .collect();
+        // Group mode: rollouts wait here until their partner's text exists.
+        let partner_of = |pi: usize, sample: usize| reward::group_partner(self.cfg.run.seed, step, pi as u64, sample, n);
+        let mut waiting: Vec<Vec<Option<Rollout>>> = batch.iter().map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut texts: Vec<Vec<Option<(Arc<str>, bool)>>> = batch.iter().map(|_| vec![None; n]).collect();
         self.bars.rollouts.restart((batch.len() * n) as u64);
         self.bars.verdicts.restart((batch.len() * n) as u64);
 
@@ -116,26 +131,63 @@ impl Trainer {
                     r = rx.recv(), if open => match r {
                         Some(rollout) => {
                             self.bars.rollouts.inc(1);
-                            let task = self.tasks[batch[rollout.request]].clone();
-                            let reference = references[rollout.request].clone();
-                            let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
-                            let key = reward_key(step, rollout.request, rollout.sample);
-                            pending.push(async move {
-                                if rollout.finish_reason == FinishReason::Canceled {
-                                    return Judged { rollout, reward: RewardOutcome::unscored(CANCELED) };
+                            // (rollout, what it is compared with: reference text or partner)
+                            let mut ready: Vec<(Rollout, Option<(Arc<str>, bool)>, Option<usize>)> = Vec::new();
+                            let (pi, si) = (rollout.request, rollout.sample);
+                            if let Some(reference) = &references[pi] {
+                                ready.push((rollout, Some((reference.clone(), false)), None));
+                            } else if si < n && texts[pi][si].is_none() {
+                                texts[pi][si] = Some((Arc::from(rollout.text.as_str()), rollout.finish_reason == FinishReason::Canceled));
+                                waiting[pi][si] = Some(rollout);
+                                // This rollout, and those waiting for it as their partner.
+                                for q in 0..n {
+                                    let p = partner_of(pi, q);
+                                    if (q == si || p == si) && waiting[pi][q].is_some() && texts[pi][p].is_some() {
+                                        ready.push((waiting[pi][q].take().expect("waiting"), texts[pi][p].clone(), Some(p)));
+                                    }
                                 }
-                                let _permit = permits.acquire_owned().await.expect("semaphore open");
-                                let input = RewardInput {
-                                    prompt: &task.prompt,
-                                    criteria: task.criteria.as_deref(),
-                                    response: &rollout.text,
-                                    reference: &reference,
-                                };
-                                let reward = reward::reward(&*judge, &cfg, input, key).await;
-                                Judged { rollout, reward }
-                            });
+                            } else {
+                                // No engine sends a sample twice or past n; never judged if one did.
+                                self.bars.verdicts.inc(1);
+                                out[pi].push(Judged { rollout, reward: RewardOutcome::unscored("the engine sent this sample twice or past run.n_samples"), partner: None });
+                            }
+                            for (rollout, against, partner) in ready {
+                                let task = self.tasks[batch[rollout.request]].clone();
+                                let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
+                                let key = reward_key(step, rollout.request, rollout.sample);
+                                pending.push(async move {
+                                    if rollout.finish_reason == FinishReason::Canceled {
+                                        return Judged { rollout, reward: RewardOutcome::unscored(CANCELED), partner };
+                                    }
+                                    let (reference, partner_canceled) = against.expect("a reference or a partner");
+                                    if partner_canceled {
+                                        return Judged { rollout, reward: RewardOutcome::unscored(PARTNER_CANCELED), partner };
+                                    }
+                                    let _permit = permits.acquire_owned().await.expect("semaphore open");
+                                    let input = RewardInput {
+                                        prompt: &task.prompt,
+                                        criteria: task.criteria.as_deref(),
+                                        response: &rollout.text,
+                                        reference: &reference,
+                                    };
+                                    let reward = reward::reward(&*judge, &cfg, input, key).await;
+                                    Judged { rollout, reward, partner }
+                                });
+                            }
                         }
-                        None => open = false,
+                        None => {
+                            open = false;
+                            // Group mode: rollouts whose partner never came are unscored.
+                            for (pi, w) in waiting.iter_mut().enumerate() {
+                                for (q, slot) in w.iter_mut().enumerate() {
+                                    if let Some(rollout) = slot.take() {
+                                        let partner = Some(partner_of(pi, q));
+                                        self.bars.verdicts.inc(1);
+                                        out[pi].push(Judged { rollout, reward: RewardOutcome::unscored(PARTNER_MISSING), partner });
+                                    }
+                                }
+                            }
+                        }
                     },
                     Some(j) = pending.next(), if !pending.is_empty() => {
                         retries += j.reward.retries() as u64;
@@ -167,7 +219,14 @@ impl Trainer {
                     continue;
                 }
                 let task = self.tasks[batch[pi]].clone();
-                let reference = self.curriculum.reference(&task).expect("reference").to_string();
+                // Group mode: the partner's text, unless the partner never came or was canceled.
+                let reference = match j.partner {
+                    None => self.curriculum.reference(&task).expect("reference").to_string(),
+                    Some(p) => match group.iter().find(|o| o.rollout.sample == p) {
+                        Some(o) if o.rollout.finish_reason != FinishReason::Canceled => o.rollout.text.clone(),
+                        _ => continue,
+                    },
+                };
                 let response = j.rollout.text.clone();
                 let (judge, permits, cfg) = (self.judge.clone(), permits.clone(), self.cfg.reward.clone());
                 let key = reward_key(step, pi, j.rollout.sample);
@@ -183,7 +242,9 @@ impl Trainer {
                 });
             }
         }
-        while let Some((pi, si, r)) = pending.next().await {
+        while let Some((pi, si, mut r)) = pending.next().await {
+            // The replaced calls' tokens were spent: they stay counted.
+            r.replaced_usage = groups[pi][si].reward.usage();
             groups[pi][si].reward = r;
         }
     }

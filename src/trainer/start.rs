@@ -50,14 +50,14 @@ impl Trainer {
         let pending_step = saved.as_ref().and_then(|s| s.pending);
         let (curriculum, sampler, step, dirty, served_step) = match (&saved, &checkpoint) {
             (Some(s), Some(_)) => (
-                Curriculum::restore(&cfg.curriculum, &tasks, s.curriculum.clone())?,
+                Curriculum::restore_for(&cfg.curriculum, &tasks, s.curriculum.clone(), cfg.reward.reference)?,
                 TaskSampler::resume(s.sampler, tasks.len(), cfg.run.shuffle)?,
                 s.step,
                 s.dirty,
                 s.served_step,
             ),
             _ => (
-                Curriculum::new(&cfg.curriculum, &tasks)?,
+                Curriculum::new_for(&cfg.curriculum, &tasks, cfg.reward.reference)?,
                 TaskSampler::new(tasks.len(), cfg.run.seed, cfg.run.shuffle)?,
                 0,
                 false,
@@ -120,6 +120,7 @@ impl Trainer {
             step,
             dirty,
             last_saved: step,
+            judge_spent: saved.as_ref().map(|s| s.judge_spent).unwrap_or_default(),
             stop: Arc::new(AtomicBool::new(false)),
             stop_notify: Arc::new(tokio::sync::Notify::new()),
         };

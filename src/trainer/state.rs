@@ -40,6 +40,38 @@ pub struct TrainerState {
     pub pending: Option<u64>,
     /// This step's metrics line, appended again on resume if a crash lost it.
     pub record: Option<StepRecord>,
+    /// Judge tokens (and cost) of every step trained so far, across resumes: what
+    /// `run.max_judge_tokens` and `run.max_judge_cost` are checked against.
+    #[serde(default)]
+    pub judge_spent: JudgeSpent,
+}
+
+/// A run's judge spending so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JudgeSpent {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Replies that reported no usable token counts (counted as 0 tokens).
+    pub usage_missing: u64,
+    /// At `judge.openai.price_*_per_mtok` (0 without prices).
+    pub cost: f64,
+}
+
+impl JudgeSpent {
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+
+    /// This plus `usage` costing `cost`.
+    pub fn plus(&self, usage: &crate::judge::Usage, cost: Option<f64>) -> Self {
+        Self {
+            prompt_tokens: self.prompt_tokens.saturating_add(usage.prompt_tokens),
+            completion_tokens: self.completion_tokens.saturating_add(usage.completion_tokens),
+            usage_missing: self.usage_missing.saturating_add(usage.usage_missing as u64),
+            cost: self.cost + cost.unwrap_or(0.0),
+        }
+    }
 }
 
 impl TrainerState {
