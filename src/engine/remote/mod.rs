@@ -29,6 +29,7 @@
 pub mod config;
 pub mod pool;
 pub mod prompt;
+mod version;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -45,42 +46,14 @@ use tokio::sync::mpsc;
 pub use config::{RemoteConfig, RemoteKind, WeightPush, VERSION_PREFIX};
 pub use pool::{Refused, ServerStats};
 use pool::{Outstanding, Pool};
+use version::{process_nonce, version_of, Version};
+pub use version::{content_hash, version_name, versioned_name};
 use prompt::PromptTemplate;
 use wire::PushReply;
 
 use super::{Engine, GenRequest, Rollout, SamplingConfig, WeightFormat};
 use crate::engine::FinishReason;
 
-/// The version name of the learner's weights after `step` steps (the export directory's
-/// name; the servers load it under [`versioned_name`]).
-pub fn version_name(step: u64) -> String {
-    format!("{VERSION_PREFIX}{step:06}")
-}
-
-/// The name a version is served under: `policy-vNNNNNN-<tag>`.
-pub fn versioned_name(step: u64, tag: &str) -> String {
-    format!("{}-{tag}", version_name(step))
-}
-
-/// The first 12 hex digits of a SHA-256 over the regular files of `dir` (names, sizes and
-/// contents, in name order): equal only for equal adapters.
-pub fn content_hash(dir: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    let mut h = Sha256::new();
-    for f in &files {
-        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(&bytes);
-    }
-    Ok(h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
-}
 
 /// Fewer prompt groups arrived than `min_groups_share` asks for: the step cannot go on.
 #[derive(Debug)]
@@ -94,37 +67,6 @@ impl std::fmt::Display for PoolShort {
 
 impl std::error::Error for PoolShort {}
 
-/// The weights new generations use.
-#[derive(Debug, Clone, PartialEq)]
-struct Version {
-    /// The version's name: the LoRA name generations ask for (`weight_push = "lora"`) or the
-    /// `weight_version` every reply must carry (`"disk"`); None = the base model as started.
-    name: Option<String>,
-    /// What a (re)joining server must load: the adapter or the full directory.
-    dir: Option<PathBuf>,
-    /// Whether `name` is a LoRA name (else a full-weight version or nothing).
-    lora: bool,
-    step: u64,
-}
-
-impl Version {
-    fn lora(&self) -> Option<&str> {
-        if self.lora {
-            self.name.as_deref()
-        } else {
-            None
-        }
-    }
-
-    /// The `weight_version` replies must carry (full-weight pushes only).
-    fn weight_version(&self) -> Option<&str> {
-        if self.lora {
-            None
-        } else {
-            self.name.as_deref()
-        }
-    }
-}
 
 struct Shared {
     cfg: RemoteConfig,
@@ -276,6 +218,15 @@ impl Shared {
         }
     }
 
+    /// New generations use `v` from now on; the LoRA version it replaces is retired (unloaded
+    /// by [`Shared::unload_retired`] once nothing generates with it).
+    fn make_current(&self, v: Version) {
+        let old = std::mem::replace(&mut *lock(&self.current), v);
+        if let Some(name) = old.lora() {
+            lock(&self.retired).push(name.to_string());
+        }
+    }
+
     /// Unloads retired LoRA versions that no generation uses any more.
     async fn unload_retired(&self) {
         let idle: Vec<String> = {
@@ -305,24 +256,6 @@ impl Shared {
     }
 }
 
-/// Step `step`'s version of the weights in `dir`: a LoRA adapter is named by its content (a
-/// name the servers have cached is never given other weights); full weights by this process.
-async fn version_of(cfg: &RemoteConfig, nonce: &str, step: u64, dir: &Path) -> Result<Version> {
-    let lora = cfg.weight_push == WeightPush::Lora;
-    let tag = if lora {
-        let d = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || content_hash(&d)).await.context("hashing the adapter")??
-    } else {
-        nonce.to_string()
-    };
-    Ok(Version { name: Some(versioned_name(step, &tag)), dir: Some(dir.to_path_buf()), lora, step })
-}
-
-/// 8 hex digits unique to this process (time and pid).
-fn process_nonce() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    format!("{:08x}", crate::seed::splitmix64(t ^ ((std::process::id() as u64) << 32)) as u32)
-}
 
 /// Background readmission of ejected servers.
 async fn probe_loop(shared: std::sync::Weak<Shared>, every: Duration) {
@@ -632,10 +565,7 @@ impl Engine for RemoteEngine {
         if ok == 0 {
             bail!("pushing the weights of step {step} ({}) failed on every server: {}", dir.display(), sh.pool.ejected_summary());
         }
-        let old = std::mem::replace(&mut *lock(&sh.current), v);
-        if let Some(name) = old.lora() {
-            lock(&sh.retired).push(name.to_string());
-        }
+        sh.make_current(v);
         drop(_push);
         sh.unload_retired().await;
         Ok(())
@@ -653,10 +583,7 @@ impl Engine for RemoteEngine {
             return Ok(());
         }
         let _push = sh.push_lock.lock().await;
-        let old = std::mem::replace(&mut *lock(&sh.current), Version { name: None, dir: None, lora: false, step: 0 });
-        if let Some(name) = old.lora() {
-            lock(&sh.retired).push(name.to_string());
-        }
+        sh.make_current(Version { name: None, dir: None, lora: false, step: 0 });
         drop(_push);
         sh.unload_retired().await;
         Ok(())
