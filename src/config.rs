@@ -284,11 +284,25 @@ impl Config {
         self.engine.validate_with("engine", self.learner.lora.enabled, &mut p);
         self.run.validate("run", &mut p);
         self.judge.validate("judge", &mut p);
-        if self.run.max_judge_cost > 0.0 && self.judge.openai.prices().is_none() {
-            p.push(
-                "run.max_judge_cost",
-                "needs judge.openai.price_prompt_per_mtok and judge.openai.price_completion_per_mtok (a cost budget without prices would never be reached)",
-            );
+        if self.run.max_judge_cost > 0.0 {
+            if !self.judge.is_panel() && self.judge.openai.prices().is_none() {
+                p.push(
+                    "run.max_judge_cost",
+                    "needs judge.openai.price_prompt_per_mtok and judge.openai.price_completion_per_mtok (a cost budget without prices would never be reached)",
+                );
+            }
+            // A panel's cost is its members'; an unpriced endpoint would spend without counting.
+            for (i, m) in self.judge.panel.members.iter().enumerate() {
+                if self.judge.is_panel() && m.kind == crate::judge::JudgeKind::Openai && m.openai.prices().is_none() {
+                    p.push(
+                        "run.max_judge_cost",
+                        format!("needs judge.panel.members[{i}].openai.price_prompt_per_mtok and price_completion_per_mtok (member {:?} would spend uncounted)", m.name),
+                    );
+                }
+            }
+            if self.judge.is_panel() && !self.judge.priced() {
+                p.push("run.max_judge_cost", "needs prices on at least one panel member (a cost budget without prices would never be reached)");
+            }
         }
         self.reward.validate("reward", &mut p);
         self.validate_group_reference(&mut p);

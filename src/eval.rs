@@ -21,9 +21,9 @@ use crate::model::{ModelConfig, ModelFormat};
 use crate::data::Task;
 use crate::engine::remote::{version_name, RemoteConfig, WeightPush};
 use crate::engine::{ChatMessage, Engine, EngineConfig, GenRequest, MistralEngine, Role, Rollout, SamplingConfig, SeedKey};
-use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Verdict};
+use crate::judge::{Comparison, JudgeOutput, Judgement, LabelProbs, Panel, Verdict};
 use crate::progress::Progress;
-use crate::reward::{self, JudgeCall, Outcome, Position, RewardConfig, RewardStats};
+use crate::reward::{self, JudgeCall, MemberStats, Outcome, Position, RewardConfig, RewardStats};
 
 /// z for a two-sided 95% interval.
 pub const Z95: f64 = 1.959_963_984_540_054;
@@ -110,6 +110,9 @@ pub struct JudgementRecord {
     pub retries: u32,
     pub policy_answer: String,
     pub baseline_answer: String,
+    /// The panel member that judged (panels only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 /// Counts and rates for one slice (all tasks, or one domain).
@@ -162,6 +165,9 @@ pub struct Summary {
     pub judge: String,
     pub overall: Tally,
     pub domains: BTreeMap<String, Tally>,
+    /// A panel's members (empty for one judge).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, MemberTally>,
 }
 
 /// The outcome for the policy of one call.
@@ -384,27 +390,31 @@ pub async fn answers_on_pool(
     out
 }
 
-/// Judges every task's pair in both orders and tallies the results.
+/// Judges every task's pair in both orders (by every member of a panel) and tallies the
+/// results; the last value is each panel member's counts (empty for one judge).
 pub async fn judge_pairs(
-    judge: &dyn Judge,
+    judges: &Panel,
     reward_cfg: &RewardConfig,
     tasks: &[Task],
     policy: &[String],
     baseline: &[String],
-) -> (Vec<JudgementRecord>, Tally, BTreeMap<String, Tally>) {
-    let progress = Progress::new(2 * tasks.len() as u64, "judge");
+) -> (Vec<JudgementRecord>, Tally, BTreeMap<String, Tally>, BTreeMap<String, MemberStats>) {
+    let progress = Progress::new((2 * tasks.len() * judges.members.len()) as u64, "judge");
     let progress = &progress;
     let calls = futures::future::join_all(tasks.iter().enumerate().flat_map(|(i, t)| {
-        [Order::PolicyFirst, Order::BaselineFirst].map(move |order| async move {
-            let (first, second) = match order {
-                Order::PolicyFirst => (&policy[i], &baseline[i]),
-                Order::BaselineFirst => (&baseline[i], &policy[i]),
-            };
-            let out = judge
-                .compare(Comparison { prompt: &t.prompt, criteria: t.criteria.as_deref(), first, second })
-                .await;
-            progress.inc(1);
-            (i, order, out)
+        judges.members.iter().enumerate().flat_map(move |(mi, m)| {
+            [Order::PolicyFirst, Order::BaselineFirst].map(move |order| async move {
+                let (first, second) = match order {
+                    Order::PolicyFirst => (&policy[i], &baseline[i]),
+                    Order::BaselineFirst => (&baseline[i], &policy[i]),
+                };
+                let out = m
+                    .judge
+                    .compare(Comparison { prompt: &t.prompt, criteria: t.criteria.as_deref(), first, second })
+                    .await;
+                progress.inc(1);
+                (i, mi, order, out)
+            })
         })
     }))
     .await;
@@ -412,20 +422,30 @@ pub async fn judge_pairs(
 
     // Combined like reward position `both`, with the policy as the "response".
     let cfg = RewardConfig { position: Position::Both, ..reward_cfg.clone() };
-    let mut per_task: Vec<Vec<JudgeCall>> = tasks.iter().map(|_| Vec::new()).collect();
+    let mut per_task: Vec<Vec<Vec<JudgeCall>>> = tasks.iter().map(|_| judges.members.iter().map(|_| Vec::new()).collect()).collect();
     let mut records = Vec::with_capacity(calls.len());
-    for (i, order, out) in calls {
-        records.push(record(&tasks[i], order, &out, &policy[i], &baseline[i]));
+    for (i, mi, order, out) in calls {
+        let mut rec = record(&tasks[i], order, &out, &policy[i], &baseline[i]);
+        if !judges.single {
+            rec.member = Some(judges.members[mi].name.clone());
+        }
+        records.push(rec);
         let outcome = match &out.judgement {
             Judgement::Scored { verdict, .. } => Some(outcome(preferred(*verdict, order))),
             Judgement::Unscored { .. } => None,
         };
-        per_task[i].push(JudgeCall { response_first: order == Order::PolicyFirst, output: out, outcome });
+        per_task[i][mi].push(JudgeCall { response_first: order == Order::PolicyFirst, output: out, outcome, member: None });
     }
     let mut all = (RewardStats::default(), 0.0);
     let mut by_domain: BTreeMap<String, (RewardStats, f64)> = BTreeMap::new();
-    for (t, calls) in tasks.iter().zip(per_task) {
-        let r = reward::combine(&cfg, calls);
+    for (t, members) in tasks.iter().zip(per_task) {
+        let mut rs: Vec<_> = members.into_iter().map(|calls| reward::combine(&cfg, calls)).collect();
+        let r = if judges.single {
+            rs.pop().expect("one judge")
+        } else {
+            let named = judges.members.iter().zip(rs).map(|(m, r)| (m.name.as_str(), m.weight, r)).collect();
+            reward::combine_panel(judges.quorum, named)
+        };
         let value = r.reward.unwrap_or(0.0);
         for slot in [&mut all, by_domain.entry(domain_of(t)).or_default()] {
             slot.0.add(&r);
@@ -433,7 +453,51 @@ pub async fn judge_pairs(
         }
     }
     let domains = by_domain.iter().map(|(d, (s, v))| (d.clone(), Tally::from_stats(s, *v))).collect();
-    (records, Tally::from_stats(&all.0, all.1), domains)
+    let members = std::mem::take(&mut all.0.members);
+    (records, Tally::from_stats(&all.0, all.1), domains, members)
+}
+
+/// A panel member's line in `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberTally {
+    pub weight: f64,
+    pub pairs: u64,
+    pub scored: u64,
+    pub reward_mean: Option<f64>,
+    /// With the panel's outcome: 1 the same, 0.5 when one of the two is a tie, 0 opposite.
+    pub agreement: Option<f64>,
+    pub position_consistency: Option<f64>,
+    pub latency_ms_mean: Option<f64>,
+    pub failed_calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Option<f64>,
+}
+
+/// Each member's tally, in the config's order.
+pub fn member_tallies(stats: &BTreeMap<String, MemberStats>, judge: &crate::judge::JudgeConfig) -> BTreeMap<String, MemberTally> {
+    judge
+        .panel
+        .members
+        .iter()
+        .map(|m| {
+            let s = stats.get(&m.name).cloned().unwrap_or_default();
+            let t = MemberTally {
+                weight: m.weight,
+                pairs: s.pairs,
+                scored: s.scored,
+                reward_mean: s.reward_mean(),
+                agreement: s.agreement(),
+                position_consistency: s.position_consistency(),
+                latency_ms_mean: s.latency_ms_mean(),
+                failed_calls: s.failed_calls,
+                prompt_tokens: s.prompt_tokens,
+                completion_tokens: s.completion_tokens,
+                cost: m.openai.cost(&s.usage()),
+            };
+            (m.name.clone(), t)
+        })
+        .collect()
 }
 
 fn record(t: &Task, order: Order, out: &JudgeOutput, policy: &str, baseline: &str) -> JudgementRecord {
@@ -454,6 +518,7 @@ fn record(t: &Task, order: Order, out: &JudgeOutput, policy: &str, baseline: &st
         retries: out.retries,
         policy_answer: policy.to_string(),
         baseline_answer: baseline.to_string(),
+        member: None,
     }
 }
 

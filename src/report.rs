@@ -48,6 +48,28 @@ pub struct Row {
     pub judge_tokens_total: Option<u64>,
     pub judge_cost: Option<f64>,
     pub judge_cost_total: Option<f64>,
+    /// Every other key, for the keyed families (`judge/<member>/...`).
+    #[serde(flatten)]
+    pub other: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl Row {
+    /// A panel member's number for this step (`judge/<member>/<key>`).
+    fn member(&self, member: &str, key: &str) -> Option<f64> {
+        self.other.get(&format!("judge/{member}/{key}"))?.as_f64()
+    }
+}
+
+/// The panel members named in the rows, in name order (empty for one judge).
+pub fn members(rows: &[Row]) -> Vec<String> {
+    let mut names: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.other.keys())
+        .filter_map(|k| k.strip_prefix("judge/")?.strip_suffix("/agreement").map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Reads `metrics.jsonl`; a bad line is an error naming `FILE:LINE` (and the key). A torn last
@@ -359,6 +381,9 @@ pub const PLOTS: [(&str, &str); 7] = [
     ("judge_tokens.png", "Judge tokens"),
 ];
 
+/// A panel's plot, written only for a panel run.
+pub const MEMBERS_PLOT: (&str, &str) = ("judge_members.png", "Panel members");
+
 /// The step's wall time by phase, adding up to it: "learn" is the learner's time not hidden
 /// behind generation (all of it unless one-step-off).
 const PHASES: [(&str, fn(&Row) -> Option<f64>); 6] = [
@@ -427,6 +452,17 @@ pub fn write_report(rows: &[Row], out: &Path, metrics: &Path) -> Result<()> {
         ];
         draw_stacked(a, "Judge tokens per step", x.clone(), "tokens", &layers, false)
     })?;
+    let names = members(rows);
+    if !names.is_empty() {
+        png(&out.join(MEMBERS_PLOT.0), (SIZE.0, SIZE.1 * 3 / 2), |a| {
+            let (top, bottom) = a.split_vertically(SIZE.1 * 3 / 4);
+            let by = |key: &'static str| -> Vec<Series> {
+                names.iter().enumerate().map(|(i, m)| series(rows, m, c[i % c.len()], |r| r.member(m, key))).collect()
+            };
+            draw_lines(&top, "Panel members: agreement with the panel", x.clone(), "agreement", &by("agreement"), true)?;
+            draw_lines(&bottom, "Panel members: mean reward", x.clone(), "reward", &by("reward_mean"), false)
+        })?;
+    }
     let md = summary_md(rows, metrics);
     crate::fsutil::atomic_write(&out.join("summary.md"), md.as_bytes())
 }
@@ -511,8 +547,38 @@ pub fn summary_md(rows: &[Row], metrics: &Path) -> String {
             s.push_str(&format!("| {name} | {t:.1} | {:.1}% |\n", 100.0 * t / wall));
         }
     }
+    let names = members(rows);
+    if !names.is_empty() {
+        s.push_str("\n## Judge panel\n\n");
+        s.push_str("Reward and agreement are means over the steps weighted by the pairs each member scored; agreement is with the panel's outcome (1 the same, 0.5 when one of the two is a tie, 0 opposite).\n\n");
+        s.push_str("| member | scored | unscored | reward | agreement | position consistency | latency ms | failed calls | tokens | cost |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for m in &names {
+            let total = |k: &str| rows.iter().filter_map(|r| r.member(m, k)).sum::<f64>();
+            let weighted = |k: &str| {
+                let (num, den) = rows.iter().fold((0.0, 0.0), |(a, b), r| match (r.member(m, k), r.member(m, "scored")) {
+                    (Some(v), Some(n)) if n > 0.0 => (a + v * n, b + n),
+                    _ => (a, b),
+                });
+                (den > 0.0).then(|| num / den)
+            };
+            let costs: Vec<f64> = rows.iter().filter_map(|r| r.member(m, "cost")).collect();
+            s.push_str(&format!(
+                "| {m} | {:.0} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} |\n",
+                total("scored"),
+                total("unscored"),
+                fmt(weighted("reward_mean"), 3),
+                fmt(weighted("agreement"), 3),
+                fmt(mean(rows.iter().filter_map(|r| r.member(m, "position_consistency"))), 3),
+                fmt(mean(rows.iter().filter_map(|r| r.member(m, "latency_ms_mean"))), 0),
+                total("failed_calls"),
+                total("prompt_tokens") + total("completion_tokens"),
+                fmt((!costs.is_empty()).then(|| costs.iter().sum()), 4),
+            ));
+        }
+    }
     s.push_str("\n## Plots\n\n");
-    for (file, caption) in PLOTS {
+    let extra = (!names.is_empty()).then_some(MEMBERS_PLOT);
+    for (file, caption) in PLOTS.into_iter().chain(extra) {
         s.push_str(&format!("### {caption}\n\n![{caption}]({file})\n\n"));
     }
     s

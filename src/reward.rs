@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::validate::Problems;
 use crate::seed::splitmix64;
-use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Usage, Verdict};
+use std::collections::BTreeMap;
+
+use crate::judge::{Comparison, Judge, JudgeOutput, Judgement, LabelProbs, Panel, Usage, Verdict};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -129,6 +131,23 @@ pub struct JudgeCall {
     pub output: JudgeOutput,
     /// None when this call was unscored.
     pub outcome: Option<Outcome>,
+    /// The panel member that made the call (panels only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+}
+
+/// One panel member's result for a pair (its calls are in the pair's `calls`, tagged with its
+/// name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberOutcome {
+    pub member: String,
+    pub weight: f64,
+    pub outcome: Option<Outcome>,
+    pub reward: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unscored_reason: Option<String>,
 }
 
 /// Everything the trainer logs about one rollout's reward.
@@ -148,6 +167,9 @@ pub struct RewardOutcome {
     /// "pause"`): spent, so still counted.
     #[serde(default, skip_serializing_if = "Usage::is_zero")]
     pub replaced_usage: Usage,
+    /// A panel's members, each with its own result; empty for one judge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberOutcome>,
 }
 
 impl RewardOutcome {
@@ -161,6 +183,7 @@ impl RewardOutcome {
             unscored_reason: Some(reason.to_string()),
             consistent: None,
             replaced_usage: Usage::default(),
+            members: Vec::new(),
         }
     }
     /// Tokens every judge call of this rollout used, replaced ones included.
@@ -179,6 +202,14 @@ impl RewardOutcome {
     }
     pub fn latency_ms(&self) -> u64 {
         self.calls.iter().map(|c| c.output.latency_ms).max().unwrap_or(0)
+    }
+    /// Tokens of the calls `member` made (replaced calls are not attributed to a member).
+    pub fn member_usage(&self, member: &str) -> Usage {
+        let mut u = Usage::default();
+        for c in self.calls.iter().filter(|c| c.member.as_deref() == Some(member)) {
+            u.add(c.output.usage);
+        }
+        u
     }
 }
 
@@ -227,9 +258,19 @@ pub fn group_partner(run_seed: u64, step: u64, prompt: u64, sample: usize, n: us
     }
 }
 
-/// Judges one rollout against its reference and turns the verdict(s) into a reward.
-/// With `both`, the two calls run concurrently.
-pub async fn reward(judge: &dyn Judge, cfg: &RewardConfig, input: RewardInput<'_>, key: u64) -> RewardOutcome {
+/// Judges one rollout against its reference and turns the verdict(s) into a reward: the one
+/// judge's, or each panel member's combined by [`combine_panel`]. Calls run concurrently.
+pub async fn reward(judges: &Panel, cfg: &RewardConfig, input: RewardInput<'_>, key: u64) -> RewardOutcome {
+    let outs = futures::future::join_all(judges.members.iter().map(|m| reward_by(&*m.judge, cfg, input, key))).await;
+    if judges.single {
+        return outs.into_iter().next().expect("one judge");
+    }
+    let members = judges.members.iter().zip(outs).map(|(m, r)| (m.name.as_str(), m.weight, r)).collect();
+    combine_panel(judges.quorum, members)
+}
+
+/// One judge's reward for a rollout. With `both`, the two calls run concurrently.
+pub async fn reward_by(judge: &dyn Judge, cfg: &RewardConfig, input: RewardInput<'_>, key: u64) -> RewardOutcome {
     let calls = futures::future::join_all(orders(cfg, key).into_iter().map(|response_first| async move {
         let (first, second) =
             if response_first { (input.response, input.reference) } else { (input.reference, input.response) };
@@ -240,10 +281,82 @@ pub async fn reward(judge: &dyn Judge, cfg: &RewardConfig, input: RewardInput<'_
             Judgement::Scored { verdict, .. } => Some(outcome_of(*verdict, response_first)),
             Judgement::Unscored { .. } => None,
         };
-        JudgeCall { response_first, output, outcome }
+        JudgeCall { response_first, output, outcome, member: None }
     }))
     .await;
     combine(cfg, calls)
+}
+
+/// A panel's result for one pair from its members' (name, weight, result). The reward is the
+/// weighted mean of the members that scored the pair; the outcome (what the curriculum counts)
+/// is the one with the most weight among them, a tie when two outcomes share the most. Fewer
+/// than `quorum` members scoring it, or only members of weight 0, leave it unscored.
+pub fn combine_panel(quorum: usize, members: Vec<(&str, f64, RewardOutcome)>) -> RewardOutcome {
+    let mut calls = Vec::new();
+    let mut outs = Vec::with_capacity(members.len());
+    let mut replaced_usage = Usage::default();
+    let mut soft = false;
+    for (name, weight, r) in members {
+        replaced_usage.add(r.replaced_usage);
+        soft |= r.soft && r.reward.is_some() && weight > 0.0;
+        calls.extend(r.calls.into_iter().map(|mut c| {
+            c.member = Some(name.to_string());
+            c
+        }));
+        outs.push(MemberOutcome {
+            member: name.to_string(),
+            weight,
+            outcome: r.outcome,
+            reward: r.reward,
+            consistent: r.consistent,
+            unscored_reason: r.unscored_reason,
+        });
+    }
+    let scored: Vec<&MemberOutcome> = outs.iter().filter(|m| m.reward.is_some() && m.outcome.is_some()).collect();
+    let weight: f64 = scored.iter().map(|m| m.weight).sum();
+    let unscored = |reason: String| RewardOutcome {
+        calls: Vec::new(),
+        outcome: None,
+        reward: None,
+        soft: false,
+        unscored_reason: Some(reason),
+        consistent: None,
+        replaced_usage: Usage::default(),
+        members: Vec::new(),
+    };
+    let mut out = if scored.len() < quorum {
+        let why: Vec<String> = outs
+            .iter()
+            .filter_map(|m| m.unscored_reason.as_ref().map(|r| format!("{}: {r}", m.member)))
+            .collect();
+        unscored(format!("panel: {} of {} members scored, quorum {quorum} ({})", scored.len(), outs.len(), why.join("; ")))
+    } else if !(weight > 0.0) {
+        unscored(format!("panel: the {} members that scored all weigh 0", scored.len()))
+    } else {
+        let reward = scored.iter().map(|m| m.weight * m.reward.unwrap_or(0.0)).sum::<f64>() / weight;
+        let mut by = [(Outcome::Win, 0.0), (Outcome::Tie, 0.0), (Outcome::Loss, 0.0)];
+        for m in &scored {
+            let slot = by.iter_mut().find(|(o, _)| Some(*o) == m.outcome).expect("an outcome");
+            slot.1 += m.weight;
+        }
+        let top = by.iter().map(|b| b.1).fold(0.0, f64::max);
+        let leaders: Vec<Outcome> = by.iter().filter(|b| b.1 == top).map(|b| b.0).collect();
+        let outcome = if leaders.len() == 1 { leaders[0] } else { Outcome::Tie };
+        RewardOutcome {
+            calls: Vec::new(),
+            outcome: Some(outcome),
+            reward: Some(reward),
+            soft,
+            unscored_reason: None,
+            consistent: None,
+            replaced_usage: Usage::default(),
+            members: Vec::new(),
+        }
+    };
+    out.calls = calls;
+    out.members = outs;
+    out.replaced_usage = replaced_usage;
+    out
 }
 
 /// The reward of a set of calls (one, or two in swapped order).
@@ -262,6 +375,7 @@ pub fn combine(cfg: &RewardConfig, calls: Vec<JudgeCall>) -> RewardOutcome {
             unscored_reason: Some(format!("{reason} ({order})")),
             consistent: None,
             replaced_usage: Usage::default(),
+            members: Vec::new(),
         };
     }
     let outs: Vec<Outcome> = calls.iter().filter_map(|c| c.outcome).collect();
@@ -295,6 +409,7 @@ pub fn combine(cfg: &RewardConfig, calls: Vec<JudgeCall>) -> RewardOutcome {
         unscored_reason: None,
         consistent,
         replaced_usage: Usage::default(),
+        members: Vec::new(),
     }
 }
 
@@ -318,10 +433,111 @@ pub struct RewardStats {
     pub judge_prompt_tokens: u64,
     pub judge_completion_tokens: u64,
     pub judge_usage_missing: u64,
+    /// A panel's members by name; empty for one judge.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, MemberStats>,
+}
+
+/// One panel member over a set of pairs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberStats {
+    pub pairs: u64,
+    /// Pairs it scored, and the sum of its rewards over them.
+    pub scored: u64,
+    pub reward_sum: f64,
+    /// Pairs both it and the panel scored, and its agreement with the panel summed over them:
+    /// 1 for the same outcome, 0.5 when one of the two is a tie, 0 for a win against a loss.
+    pub compared: u64,
+    pub agreement_sum: f64,
+    /// `both`: pairs it scored in both orders, and those where its two orders agreed.
+    pub both_scored: u64,
+    pub consistent: u64,
+    pub calls: u64,
+    pub failed_calls: u64,
+    pub retries: u64,
+    pub latency_ms_sum: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub usage_missing: u64,
+}
+
+impl MemberStats {
+    pub fn reward_mean(&self) -> Option<f64> {
+        (self.scored > 0).then(|| self.reward_sum / self.scored as f64)
+    }
+    pub fn agreement(&self) -> Option<f64> {
+        (self.compared > 0).then(|| self.agreement_sum / self.compared as f64)
+    }
+    pub fn position_consistency(&self) -> Option<f64> {
+        (self.both_scored > 0).then(|| self.consistent as f64 / self.both_scored as f64)
+    }
+    pub fn latency_ms_mean(&self) -> Option<f64> {
+        (self.calls > 0).then(|| self.latency_ms_sum as f64 / self.calls as f64)
+    }
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            usage_missing: self.usage_missing.min(u32::MAX as u64) as u32,
+        }
+    }
+}
+
+/// How far a member's outcome is from the panel's: 1 equal, 0.5 one a tie, 0 opposite.
+pub fn agreement(member: Outcome, panel: Outcome) -> f64 {
+    match (member, panel) {
+        (a, b) if a == b => 1.0,
+        (Outcome::Tie, _) | (_, Outcome::Tie) => 0.5,
+        _ => 0.0,
+    }
 }
 
 impl RewardStats {
+    /// Judge tokens of every call counted.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.judge_prompt_tokens,
+            completion_tokens: self.judge_completion_tokens,
+            usage_missing: self.judge_usage_missing.min(u32::MAX as u64) as u32,
+        }
+    }
+
+    /// `member`'s tokens (zero for one judge or an unknown name).
+    pub fn member_usage(&self, member: &str) -> Usage {
+        self.members.get(member).map(|m| m.usage()).unwrap_or_default()
+    }
+
     pub fn add(&mut self, r: &RewardOutcome) {
+        for m in &r.members {
+            let s = self.members.entry(m.member.clone()).or_default();
+            s.pairs += 1;
+            if let (Some(v), Some(o)) = (m.reward, m.outcome) {
+                s.scored += 1;
+                s.reward_sum += v;
+                if let Some(p) = r.outcome {
+                    s.compared += 1;
+                    s.agreement_sum += agreement(o, p);
+                }
+            }
+            if let Some(c) = m.consistent {
+                s.both_scored += 1;
+                s.consistent += c as u64;
+                // A panel's own consistency is its members' over their pairs.
+                self.both_scored += 1;
+                self.consistent += c as u64;
+            }
+        }
+        for c in r.calls.iter() {
+            let Some(name) = &c.member else { continue };
+            let s = self.members.entry(name.clone()).or_default();
+            s.calls += 1;
+            s.failed_calls += c.outcome.is_none() as u64;
+            s.retries += c.output.retries as u64;
+            s.latency_ms_sum = s.latency_ms_sum.saturating_add(c.output.latency_ms);
+            s.prompt_tokens = s.prompt_tokens.saturating_add(c.output.usage.prompt_tokens);
+            s.completion_tokens = s.completion_tokens.saturating_add(c.output.usage.completion_tokens);
+            s.usage_missing += c.output.usage.usage_missing as u64;
+        }
         match r.outcome {
             Some(Outcome::Win) => self.wins += 1,
             Some(Outcome::Tie) => self.ties += 1,
@@ -385,6 +601,38 @@ impl std::fmt::Display for RewardStats {
     }
 }
 
+/// The per-member table `judge` and `eval` print for a panel: each member's reward, agreement
+/// with the panel, position consistency, latency, failures, tokens and (with prices) cost.
+pub fn member_table(stats: &BTreeMap<String, MemberStats>, cfg: &crate::judge::JudgeConfig) -> String {
+    use std::fmt::Write;
+    let opt = |v: Option<f64>, d: usize| v.map(|v| format!("{v:.d$}")).unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>6} {:>6} {:>6} {:>7} {:>7} {:>8} {:>10} {:>7} {:>10} {:>10}",
+        "member", "weight", "pairs", "scored", "reward", "agree", "consist.", "latency ms", "failed", "tokens", "cost"
+    );
+    for m in &cfg.panel.members {
+        let s = stats.get(&m.name).cloned().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<16} {:>6} {:>6} {:>6} {:>7} {:>7} {:>8} {:>10} {:>7} {:>10} {:>10}",
+            m.name,
+            format!("{:.2}", m.weight),
+            s.pairs,
+            s.scored,
+            opt(s.reward_mean(), 3),
+            opt(s.agreement(), 3),
+            opt(s.position_consistency(), 3),
+            opt(s.latency_ms_mean(), 0),
+            s.failed_calls,
+            s.prompt_tokens.saturating_add(s.completion_tokens),
+            opt(m.openai.cost(&s.usage()), 4),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +646,7 @@ mod tests {
             response_first,
             outcome: v.map(|v| outcome_of(v, response_first)),
             output: JudgeOutput { judgement, raw: String::new(), latency_ms: 1, retries: 0, usage: Usage::default() },
+            member: None,
         }
     }
 

@@ -393,3 +393,82 @@ fn report_writes_readable_pngs_and_a_summary_with_the_totals() {
     assert!(!o.status.success() && err.contains("metrics.jsonl:5: kl"), "{err}");
     assert_eq!(std::fs::read(report.join("summary.md")).unwrap(), before);
 }
+
+/// A judge preferring the shorter answer (the length judge reversed), a tie on equal length.
+fn shorter_wins() -> Behavior {
+    let by_len = rules::verdict_by(|a, b| match a.len().cmp(&b.len()) {
+        std::cmp::Ordering::Less => Verdict::First,
+        std::cmp::Ordering::Greater => Verdict::Second,
+        std::cmp::Ordering::Equal => Verdict::Tie,
+    });
+    Behavior::rule(move |req| {
+        if req.prompt().contains("UNSCORABLE") {
+            Behavior::error(400, "this prompt is refused")
+        } else {
+            by_len.clone()
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panel_of_two_opposite_judges_scores_one_half_and_eval_prints_each_member() {
+    let long = ScriptedServer::start(longer_wins()).await.unwrap();
+    let short = ScriptedServer::start(shorter_wins()).await.unwrap();
+    let f = fixture(&long);
+    let member = |name: &str, url: &str| {
+        format!(
+            "[[judge.panel.members]]\nname = \"{name}\"\nkind = \"openai\"\n[judge.panel.members.openai]\nbase_url = \"{url}\"\n\
+             api_key_env = \"\"\nmax_retries = 0\ntimeout_secs = 10.0\nbreaker_failures = 0\nmax_concurrency = 4\n\
+             price_prompt_per_mtok = 1.0\nprice_completion_per_mtok = 2.0\n"
+        )
+    };
+    let text = std::fs::read_to_string(&f.config).unwrap().replace("[judge]\nkind = \"openai\"\n", "[judge]\nkind = \"panel\"\n");
+    let text = format!("{text}\n{}\n{}", member("long", &long.base_url()), member("short", &short.base_url()));
+    std::fs::write(&f.config, text).unwrap();
+    let out_dir = f.dir.join("eval");
+    let o = run_eval(&f, &out_dir, &["--limit", "8"]).await;
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+
+    // Each member judged each of the 8 tasks in both orders; records name the member.
+    let records = read_jsonl(&out_dir.join("judgements.jsonl"));
+    assert_eq!(records.len(), 32, "8 tasks x 2 orders x 2 members");
+    for m in ["long", "short"] {
+        assert_eq!(records.iter().filter(|r| r["member"] == m).count(), 16, "{m}");
+    }
+    assert_eq!((long.request_count(), short.request_count()), (16, 16));
+
+    // Opposite judges: each pair is a win for one and a loss for the other (or a tie for both),
+    // so the panel's reward is 0.5 on every scored pair and its outcome a tie.
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+    let overall = &summary["overall"];
+    assert_eq!((overall["unscored"].as_u64(), overall["scored"].as_u64()), (Some(1), Some(7)), "t05 is refused by both: {overall}");
+    assert_eq!(overall["ties"], 7, "{overall}");
+    assert_eq!(overall["mean_reward"], 0.5, "{overall}");
+    // Per member: a decided pair is half agreement with a tied panel; an equal-length pair is a
+    // tie for both members and the panel (full agreement).
+    let (l, s) = (&summary["members"]["long"], &summary["members"]["short"]);
+    let long_reward = l["reward_mean"].as_f64().unwrap();
+    assert!((long_reward + s["reward_mean"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{l} {s}");
+    let decided = records
+        .iter()
+        .filter(|r| r["member"] == "long" && r["order"] == "policy-first" && !r["preferred"].is_null() && r["preferred"] != "tie")
+        .count() as f64;
+    let want_agreement = (decided * 0.5 + (7.0 - decided)) / 7.0;
+    for m in [l, s] {
+        assert_eq!((m["pairs"].as_u64(), m["scored"].as_u64(), m["failed_calls"].as_u64()), (Some(8), Some(7), Some(2)), "{m}");
+        assert!((m["agreement"].as_f64().unwrap() - want_agreement).abs() < 1e-9, "{m}: want {want_agreement}");
+        assert!(m["agreement"].as_f64().unwrap() <= 0.75, "two opposite judges agree with their panel about half the time: {m}");
+        assert_eq!(m["position_consistency"], 1.0, "a length judge is position-consistent: {m}");
+        assert_eq!(m["weight"], 1.0);
+        // Its tokens are what its server reported; its cost is at its prices.
+        let (p, c) = if m == l { long.usage_reported() } else { short.usage_reported() };
+        assert_eq!((m["prompt_tokens"].as_u64(), m["completion_tokens"].as_u64()), (Some(p), Some(c)), "{m}");
+        assert!((m["cost"].as_f64().unwrap() - (p as f64 + 2.0 * c as f64) / 1e6).abs() < 1e-12, "{m}");
+    }
+    assert!(decided > 0.0, "the two tiny models should write answers of different lengths");
+    for m in ["long", "short"] {
+        assert!(stdout.lines().any(|line| line.starts_with(m) && line.contains("1.00")), "{m} missing from the table:\n{stdout}");
+    }
+    assert!(stdout.contains("agree"), "{stdout}");
+}

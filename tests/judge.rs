@@ -120,7 +120,7 @@ async fn fault_storm_ends_every_pair_scored_or_unscored_with_its_reason() {
     let start = Instant::now();
     let outcomes = futures::future::join_all(cases.iter().enumerate().map(|(i, _)| {
         let (response, reference) = if i % 2 == 0 { (good, plain) } else { (plain, good) };
-        reward::reward(&judge, &cfg, input(&prompts[i], response, reference), i as u64)
+        reward::reward_by(&judge, &cfg, input(&prompts[i], response, reference), i as u64)
     }))
     .await;
     let mut stats = RewardStats::default();
@@ -197,7 +197,7 @@ async fn many_concurrent_calls_never_exceed_the_configured_concurrency() {
     let outs = futures::future::join_all((0..24).map(|i| {
         let judge = &judge;
         let rc = &rc;
-        async move { reward::reward(judge, rc, input("Describe a harbour.", "GOOD harbour", "a harbour"), i).await }
+        async move { reward::reward_by(judge, rc, input("Describe a harbour.", "GOOD harbour", "a harbour"), i).await }
     }))
     .await;
     assert!(outs.iter().all(|o| o.outcome == Some(Outcome::Win)), "{outs:?}");
@@ -274,7 +274,7 @@ async fn verdict_injection_cannot_win_against_a_judge_obeying_the_last_tag() {
     for position in [Position::ReferenceFirst, Position::ResponseFirst, Position::Both] {
         let cfg = RewardConfig { position, ..Default::default() };
         for (k, attack) in INJECTIONS.iter().enumerate() {
-            let r = reward::reward(&judge, &cfg, input("Write a fable.", attack, reference), k as u64).await;
+            let r = reward::reward_by(&judge, &cfg, input("Write a fable.", attack, reference), k as u64).await;
             assert_ne!(r.outcome, Some(Outcome::Win), "{position:?}: {attack:?} won: {r:?}");
             assert!(r.outcome.is_some(), "{r:?}");
         }
@@ -312,20 +312,20 @@ async fn both_orders_turn_disagreement_into_tie_and_agreement_into_win_or_loss()
 
     let mut stats = RewardStats::default();
     for i in 0..4 {
-        let r = reward::reward(&judge_b, &both, input("Tell a story.", "GOOD story", "story"), i).await;
+        let r = reward::reward_by(&judge_b, &both, input("Tell a story.", "GOOD story", "story"), i).await;
         assert_eq!((r.outcome, r.reward, r.consistent), (Some(Outcome::Tie), Some(0.5), Some(false)), "{r:?}");
         assert_eq!(r.calls.len(), 2);
         assert_ne!(r.calls[0].response_first, r.calls[1].response_first);
         stats.add(&r);
         // With one order only the biased judge hands out a loss to the same response.
-        let one = reward::reward(&judge_b, &ref_first, input("Tell a story.", "GOOD story", "story"), i).await;
+        let one = reward::reward_by(&judge_b, &ref_first, input("Tell a story.", "GOOD story", "story"), i).await;
         assert_eq!(one.outcome, Some(Outcome::Loss));
     }
     assert_eq!(stats.position_consistency(), Some(0.0));
     assert_eq!(stats.first_position_rate(), Some(1.0));
-    let win = reward::reward(&judge_f, &both, input("Tell a story.", "GOOD story", "story"), 0).await;
+    let win = reward::reward_by(&judge_f, &both, input("Tell a story.", "GOOD story", "story"), 0).await;
     assert_eq!((win.outcome, win.reward, win.consistent), (Some(Outcome::Win), Some(1.0), Some(true)));
-    let loss = reward::reward(&judge_f, &both, input("Tell a story.", "story", "GOOD story"), 0).await;
+    let loss = reward::reward_by(&judge_f, &both, input("Tell a story.", "story", "GOOD story"), 0).await;
     assert_eq!((loss.outcome, loss.reward, loss.consistent), (Some(Outcome::Loss), Some(0.0), Some(true)));
     // Each order's prompt really had the answers swapped.
     let prompts: Vec<(String, String)> =
@@ -338,7 +338,7 @@ async fn both_orders_turn_disagreement_into_tie_and_agreement_into_win_or_loss()
     lp.mode = VerdictMode::LabelProbability;
     let judge_lp = OpenAiJudge::new(&lp).unwrap();
     let soft = RewardConfig { position: Position::Both, soft: true, ..Default::default() };
-    let r = reward::reward(&judge_lp, &soft, input("Tell a story.", "GOOD story", "story"), 0).await;
+    let r = reward::reward_by(&judge_lp, &soft, input("Tell a story.", "GOOD story", "story"), 0).await;
     assert!(r.soft && (r.reward.unwrap() - 0.5).abs() < 1e-9, "{r:?}");
     let probs = match &r.calls[0].output.judgement {
         Judgement::Scored { probs: Some(p), .. } => *p,
@@ -350,7 +350,7 @@ async fn both_orders_turn_disagreement_into_tie_and_agreement_into_win_or_loss()
     // A fair label judge: soft reward 0.8 + 0.1 * 0.5 for the better response in both orders.
     let mut lpf = judge_cfg(&fair);
     lpf.mode = VerdictMode::LabelProbability;
-    let r = reward::reward(&OpenAiJudge::new(&lpf).unwrap(), &soft, input("x", "GOOD", "bad"), 0).await;
+    let r = reward::reward_by(&OpenAiJudge::new(&lpf).unwrap(), &soft, input("x", "GOOD", "bad"), 0).await;
     assert!((r.reward.unwrap() - 0.85).abs() < 1e-9 && r.outcome == Some(Outcome::Win), "{r:?}");
 }
 
@@ -547,7 +547,7 @@ async fn embedded_judge_on_the_tiny_model_in_both_modes() {
     let mut unscored_calls = 0;
     let mut unscored_pairs = 0;
     for (i, (p, resp, refr)) in pairs.iter().enumerate() {
-        let r = reward::reward(&judge, &rc, input(p, resp, refr), i as u64).await;
+        let r = reward::reward_by(&judge, &rc, input(p, resp, refr), i as u64).await;
         stats.add(&r);
         for call in &r.calls {
             match &call.output.judgement {
@@ -611,7 +611,7 @@ async fn embedded_judge_on_the_tiny_model_in_both_modes() {
     }
     // The soft reward is available in this mode and is a probability-weighted value.
     let soft = RewardConfig { position: Position::Both, soft: true, ..Default::default() };
-    let r = reward::reward(&judge, &soft, input(pairs[0].0, pairs[0].1, pairs[0].2), 0).await;
+    let r = reward::reward_by(&judge, &soft, input(pairs[0].0, pairs[0].1, pairs[0].2), 0).await;
     let v = r.reward.unwrap();
     assert!(r.soft && (0.0..=1.0).contains(&v), "{r:?}");
     drop(judge);
@@ -742,7 +742,7 @@ async fn judge_token_usage_sums_every_attempt_and_flags_bad_usage() {
     // The reward's stats add every call's usage (both orders).
     let before = server.usage_reported();
     let rc = RewardConfig { position: Position::Both, ..Default::default() };
-    let r = reward::reward(&judge, &rc, input("Write about tea.", "GOOD tea", "tea"), 0).await;
+    let r = reward::reward_by(&judge, &rc, input("Write about tea.", "GOOD tea", "tea"), 0).await;
     let mut stats = RewardStats::default();
     stats.add(&r);
     let after = server.usage_reported();
@@ -833,5 +833,135 @@ fn judge_prices_and_budgets_are_checked_naming_the_key() {
     ] {
         let e = format!("{:#}", load(&format!("{head}{text}")).unwrap_err());
         assert!(e.contains(key), "{text}: {e}");
+    }
+}
+
+/// A panel of openai members, each `(name, weight, server)`.
+async fn panel_of(members: &[(&str, f64, &ScriptedServer)], quorum: usize) -> orchestrator::judge::Panel {
+    let mut cfg = JudgeConfig { kind: JudgeKind::Panel, ..JudgeConfig::default() };
+    cfg.panel.quorum = Some(quorum);
+    for (name, weight, server) in members {
+        let openai = judge_cfg(server).openai;
+        cfg.panel.members.push(orchestrator::judge::config::MemberConfig { name: name.to_string(), weight: *weight, openai, ..Default::default() });
+    }
+    let policy = orchestrator::model::ModelConfig { path: "unused".into(), format: Default::default(), dtype: Default::default() };
+    orchestrator::judge::Panel::from_config(&cfg, &policy).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panel_weighs_its_members_keeps_quorum_and_measures_agreement() {
+    let good = ScriptedServer::start(rules::prefer_containing("GOOD")).await.unwrap();
+    let bad = ScriptedServer::start(rules::prefer_containing("BAD")).await.unwrap();
+    let down = ScriptedServer::start(Behavior::unavailable(None)).await.unwrap();
+    let cfg = RewardConfig { position: Position::Both, ..RewardConfig::default() };
+    let pairs: Vec<(String, String)> = (0..6).map(|i| (format!("GOOD answer {i}"), format!("BAD answer {i}"))).collect();
+    let judge_all = |panel: orchestrator::judge::Panel| {
+        let (cfg, pairs) = (cfg.clone(), pairs.clone());
+        async move {
+            let mut stats = RewardStats::default();
+            let mut outs = Vec::new();
+            for (i, (resp, reference)) in pairs.iter().enumerate() {
+                let r = reward::reward(&panel, &cfg, input("Write it.", resp, reference), i as u64).await;
+                stats.add(&r);
+                outs.push(r);
+            }
+            (outs, stats)
+        }
+    };
+
+    // Opposite preferences, equal weights: every pair is a win for one member and a loss for the
+    // other, so the panel's reward is 0.5, its outcome a tie, and each member agrees half.
+    let (outs, stats) = judge_all(panel_of(&[("good", 1.0, &good), ("bad", 1.0, &bad)], 1).await).await;
+    for r in &outs {
+        assert_eq!((r.reward, r.outcome), (Some(0.5), Some(Outcome::Tie)), "{r:?}");
+        assert_eq!(r.members.len(), 2);
+        assert_eq!(r.calls.len(), 4, "two members x both orders");
+        assert_eq!(r.calls.iter().filter(|c| c.member.as_deref() == Some("good")).count(), 2);
+    }
+    let (g, b) = (&stats.members["good"], &stats.members["bad"]);
+    assert_eq!((g.agreement(), b.agreement()), (Some(0.5), Some(0.5)));
+    assert_eq!((g.reward_mean(), b.reward_mean()), (Some(1.0), Some(0.0)));
+    assert_eq!((g.position_consistency(), b.position_consistency()), (Some(1.0), Some(1.0)));
+    assert_eq!((g.calls, g.failed_calls), (12, 0));
+    // Each member's tokens are what its own server reported.
+    assert_eq!((g.prompt_tokens, g.completion_tokens), good.usage_reported());
+    assert_eq!((b.prompt_tokens, b.completion_tokens), bad.usage_reported());
+    assert_eq!(stats.judge_prompt_tokens, good.usage_reported().0 + bad.usage_reported().0);
+    assert_eq!(stats.position_consistency(), Some(1.0));
+
+    // Weights 3 : 1: the reward is the weighted mean and the heavier member decides the outcome.
+    let (outs, stats) = judge_all(panel_of(&[("good", 3.0, &good), ("bad", 1.0, &bad)], 2).await).await;
+    for r in &outs {
+        assert_eq!((r.reward, r.outcome), (Some(0.75), Some(Outcome::Win)), "{r:?}");
+    }
+    assert_eq!((stats.members["good"].agreement(), stats.members["bad"].agreement()), (Some(1.0), Some(0.0)));
+    assert_eq!(stats.wins, 6);
+
+    // One member down: quorum 1 still scores (with the member that answered), quorum 2 does not.
+    let (outs, stats) = judge_all(panel_of(&[("good", 1.0, &good), ("down", 5.0, &down)], 1).await).await;
+    for r in &outs {
+        assert_eq!((r.reward, r.outcome), (Some(1.0), Some(Outcome::Win)), "{r:?}");
+        let d = r.members.iter().find(|m| m.member == "down").unwrap();
+        assert!(d.reward.is_none() && d.unscored_reason.as_deref().unwrap_or("").contains("503"), "{d:?}");
+    }
+    assert_eq!((stats.members["down"].scored, stats.members["down"].failed_calls), (0, 12));
+    assert_eq!(stats.members["down"].agreement(), None);
+    let (outs, stats) = judge_all(panel_of(&[("good", 1.0, &good), ("down", 5.0, &down)], 2).await).await;
+    for r in &outs {
+        assert_eq!(r.reward, None, "{r:?}");
+        let why = r.unscored_reason.as_deref().unwrap();
+        assert!(why.contains("1 of 2 members scored, quorum 2") && why.contains("down:"), "{why}");
+    }
+    assert_eq!((stats.unscored, stats.members["good"].scored), (6, 6));
+
+    // Health: the panel is up while `quorum` members are.
+    let mut dcfg = judge_cfg(&down);
+    dcfg.openai.breaker_failures = 1;
+    dcfg.openai.max_retries = 0;
+    let member = |j: Arc<dyn Judge>, name: &str| orchestrator::judge::panel::Member { name: name.into(), weight: 1.0, judge: j };
+    let tripped: Arc<dyn Judge> = Arc::new(OpenAiJudge::new(&dcfg).unwrap());
+    tripped.compare(Comparison { prompt: "p", criteria: None, first: "a", second: "b" }).await;
+    assert!(matches!(tripped.health(), JudgeHealth::Down { .. }));
+    let up: Arc<dyn Judge> = Arc::new(OpenAiJudge::new(&judge_cfg(&good)).unwrap());
+    for (quorum, want_up) in [(1, true), (2, false)] {
+        let p = orchestrator::judge::Panel { members: vec![member(up.clone(), "good"), member(tripped.clone(), "down")], quorum, single: false };
+        match p.health() {
+            JudgeHealth::Up => assert!(want_up),
+            JudgeHealth::Down { last_error, .. } => {
+                assert!(!want_up && last_error.contains("1 of 2 panel members up, quorum 2") && last_error.contains("\"down\""), "{last_error}")
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_panels_are_refused_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let load = |text: &str| {
+        let p = write(tmp.path(), "c.toml", text);
+        orchestrator::config::Config::load_with_env(&p, Vec::<(String, String)>::new())
+    };
+    let head = "[model]\npath = \"m\"\n";
+    let m = |name: &str, weight: &str| format!("[[judge.panel.members]]\nname = \"{name}\"\nweight = {weight}\n[judge.panel.members.openai]\nbase_url = \"http://127.0.0.1:9/v1\"\n");
+    let cfg = load(&format!("{head}[judge]\nkind = \"panel\"\n[judge.panel]\nquorum = 2\n{}{}", m("a", "2.0"), m("b", "0.0"))).unwrap();
+    assert_eq!((cfg.judge.panel.members.len(), cfg.judge.panel.quorum(), cfg.judge.panel.members[0].weight), (2, 2, 2.0));
+    for (text, key) in [
+        ("[judge]\nkind = \"panel\"\n".to_string(), "judge.panel.members"),
+        (format!("[judge]\nkind = \"panel\"\n{}", m("a", "-1.0")), "judge.panel.members[0].weight"),
+        (format!("[judge]\nkind = \"panel\"\n{}{}", m("a", "0.0"), m("b", "0.0")), "judge.panel.members"),
+        (format!("[judge]\nkind = \"panel\"\n[judge.panel]\nquorum = 3\n{}{}", m("a", "1.0"), m("b", "1.0")), "judge.panel.quorum"),
+        (format!("[judge]\nkind = \"panel\"\n[judge.panel]\nquorum = 0\n{}", m("a", "1.0")), "judge.panel.quorum"),
+        (format!("[judge]\nkind = \"panel\"\n{}{}", m("a", "1.0"), m("a", "1.0")), "judge.panel.members[1].name"),
+        (format!("[judge]\nkind = \"panel\"\n{}", m("a b", "1.0")), "judge.panel.members[0].name"),
+        (format!("[judge]\nkind = \"panel\"\n{}kind = \"panel\"\n", m("a", "1.0").replace("[judge.panel.members.openai]\nbase_url = \"http://127.0.0.1:9/v1\"\n", "")), "judge.panel.members[0].kind"),
+        (format!("[judge]\nkind = \"panel\"\n{}price_prompt_per_mtok = -1.0\nprice_completion_per_mtok = 1.0\n", m("a", "1.0")), "judge.panel.members[0].openai.price_prompt_per_mtok"),
+        (format!("[judge]\nkind = \"panel\"\n{}max_concurrency = 0\n", m("a", "1.0")), "judge.panel.members[0].openai.max_concurrency"),
+        (format!("[judge]\nkind = \"panel\"\n{}\n[run]\nmax_judge_cost = 1.0\n", m("a", "1.0")), "judge.panel.members[0].openai.price_prompt_per_mtok"),
+        (format!("[judge]\nkind = \"openai\"\n{}", m("a", "1.0")), "judge.panel"),
+        (format!("[judge]\nkind = \"panel\"\n{}", m("a", "nan")), "judge.panel.members[0].weight"),
+        ("[curriculum]\nadvance_rule = \"k-of-m\"\nadvance_k = 5\nadvance_window = 4\n".to_string(), "curriculum.advance_k"),
+    ] {
+        let e = format!("{:#}", load(&format!("{head}{text}")).unwrap_err());
+        assert!(e.contains(key), "{text}\n=> {e}");
     }
 }

@@ -11,7 +11,6 @@ use crate::engine::remote::RemoteEngine;
 use crate::engine::Backend;
 use crate::data::{read_tasks, References};
 use crate::eval::{self, Summary};
-use crate::judge::JudgeKind;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
@@ -63,12 +62,7 @@ pub async fn run(args: EvalArgs) -> Result<()> {
         tasks.truncate(n);
     }
     let seed = args.seed.unwrap_or(cfg.run.seed);
-    let judge_name = match cfg.judge.kind {
-        JudgeKind::Openai => format!("openai {} at {}", cfg.judge.openai.model, cfg.judge.openai.base_url),
-        JudgeKind::Embedded => {
-            format!("embedded {}", cfg.judge.embedded_model(&cfg.model).path.display())
-        }
-    };
+    let judge_name = cfg.judge.describe(&cfg.model);
     eprintln!(
         "eval: {} tasks from {} | policy {} vs baseline {} | judge {judge_name}",
         tasks.len(),
@@ -110,10 +104,9 @@ pub async fn run(args: EvalArgs) -> Result<()> {
         }
     };
     let t_gen = t0.elapsed().as_secs_f64();
-    let judge = crate::judge::from_config(&cfg.judge, &cfg.model).await?;
+    let judge = crate::judge::Panel::from_config(&cfg.judge, &cfg.model).await?;
     let t1 = Instant::now();
-    let (records, overall, domains) =
-        eval::judge_pairs(judge.as_ref(), &cfg.reward, &tasks, &policy, &baseline).await;
+    let (records, overall, domains, members) = eval::judge_pairs(&judge, &cfg.reward, &tasks, &policy, &baseline).await;
     let t_judge = t1.elapsed().as_secs_f64();
 
     let summary = Summary {
@@ -124,6 +117,7 @@ pub async fn run(args: EvalArgs) -> Result<()> {
         judge: judge_name,
         overall,
         domains,
+        members: eval::member_tallies(&members, &cfg.judge),
     };
     std::fs::create_dir_all(&args.out)?;
     let jpath = args.out.join("judgements.jsonl");
@@ -137,6 +131,10 @@ pub async fn run(args: EvalArgs) -> Result<()> {
          the first-read answer. generate {t_gen:.1}s, judge {t_judge:.1}s",
         if cfg.reward.soft { " (soft where label probabilities exist)" } else { "" }
     );
+    if cfg.judge.is_panel() {
+        print!("{}", crate::reward::member_table(&members, &cfg.judge));
+        println!("agree = share of pairs where the member's outcome equals the panel's (a tie against a win or loss counts 0.5)");
+    }
     println!("wrote {} and {}", jpath.display(), spath.display());
     Ok(())
 }

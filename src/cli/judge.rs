@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::testkit::scripted::{Behavior, ScriptedServer};
-use crate::judge::{self, Comparison, Judge, JudgeConfig, JudgeHealth, JudgeKind, OpenAiJudge};
+use crate::judge::{self, Comparison, Judge, JudgeConfig, JudgeHealth, OpenAiJudge};
 use crate::progress::Progress;
 use crate::reward::{self, RewardInput, RewardOutcome, RewardStats};
 
@@ -73,21 +73,17 @@ struct OutLine<'a> {
 pub async fn run(args: JudgeArgs) -> Result<()> {
     let cfg = Config::load(args.config.path())?;
     let pairs = read_pairs(&args.pairs)?;
-    let concurrency = args.concurrency.unwrap_or(match cfg.judge.kind {
-        // `both` makes two calls per pair; the judge's semaphore does the limiting.
-        JudgeKind::Openai => cfg.judge.openai.max_concurrency * 2,
-        JudgeKind::Embedded => cfg.judge.embedded.max_num_seqs,
-    });
+    let concurrency = args.concurrency.unwrap_or_else(|| cfg.judge.pair_concurrency());
     if concurrency == 0 {
         bail!("--concurrency must be >= 1");
     }
     let t0 = Instant::now();
-    let judge = judge::from_config(&cfg.judge, &cfg.model).await?;
+    let judge = judge::Panel::from_config(&cfg.judge, &cfg.model).await?;
     eprintln!("judge ready ({:?}, {:?}) in {:.1}s", cfg.judge.kind, cfg.judge.mode, t0.elapsed().as_secs_f64());
 
     let progress = Progress::new(pairs.len() as u64, "judge");
     let stats = Mutex::new(RewardStats::default());
-    let judge_ref: &dyn Judge = judge.as_ref();
+    let judge_ref = &judge;
     let reward_cfg = &cfg.reward;
     let mut results: Vec<(usize, RewardOutcome)> = stream::iter(pairs.iter().enumerate())
         .map(|(i, (_, p))| {
@@ -129,6 +125,10 @@ pub async fn run(args: JudgeArgs) -> Result<()> {
     let mean = if scored.is_empty() { f64::NAN } else { scored.iter().sum::<f64>() / scored.len() as f64 };
     println!("{stats}");
     println!("mean reward over {} scored pairs: {mean:.4}", scored.len());
+    if cfg.judge.is_panel() {
+        print!("{}", reward::member_table(&stats.members, &cfg.judge));
+        println!("agree = share of pairs where the member's outcome equals the panel's (a tie against a win or loss counts 0.5)");
+    }
     eprintln!("wrote {} lines to {} in {:.1}s", results.len(), args.out.display(), t0.elapsed().as_secs_f64());
     if let JudgeHealth::Down { consecutive_failures, last_error, .. } = judge.health() {
         bail!(

@@ -16,6 +16,8 @@ pub enum JudgeKind {
     Openai,
     /// A second model inside this process (mistral.rs).
     Embedded,
+    /// Several judges (`[[judge.panel.members]]`) whose rewards are combined per pair.
+    Panel,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,84 @@ pub struct JudgeConfig {
     pub reask: bool,
     pub openai: OpenAiConfig,
     pub embedded: EmbeddedConfig,
+    /// `kind = "panel"`: the members and the quorum. Left out of the serialised config when
+    /// empty, so a one-judge run's config hash is what it was before panels existed.
+    #[serde(skip_serializing_if = "PanelConfig::is_empty")]
+    pub panel: PanelConfig,
+}
+
+/// `[judge.panel]`: judges that each compare every pair; a pair's reward is the weighted mean of
+/// the members that scored it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PanelConfig {
+    /// Members that must score a pair for it to be scored (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<usize>,
+    pub members: Vec<MemberConfig>,
+}
+
+impl PanelConfig {
+    pub fn is_empty(&self) -> bool {
+        self.quorum.is_none() && self.members.is_empty()
+    }
+
+    pub fn quorum(&self) -> usize {
+        self.quorum.unwrap_or(1)
+    }
+}
+
+/// `[[judge.panel.members]]`: a whole judge (the keys of `[judge]` but `panel`), with a name for
+/// its metrics and a weight in the panel's mean.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemberConfig {
+    /// Names its `judge/<name>/...` metrics and its lines in the samples log.
+    pub name: String,
+    pub weight: f64,
+    pub kind: JudgeKind,
+    pub mode: VerdictMode,
+    pub templates: Option<PathBuf>,
+    pub labels: Labels,
+    pub tie_margin: f64,
+    pub reask: bool,
+    pub openai: OpenAiConfig,
+    pub embedded: EmbeddedConfig,
+}
+
+impl Default for MemberConfig {
+    fn default() -> Self {
+        let j = JudgeConfig::default();
+        Self {
+            name: String::new(),
+            weight: 1.0,
+            kind: j.kind,
+            mode: j.mode,
+            templates: j.templates,
+            labels: j.labels,
+            tie_margin: j.tie_margin,
+            reask: j.reask,
+            openai: j.openai,
+            embedded: j.embedded,
+        }
+    }
+}
+
+impl MemberConfig {
+    /// The member as a judge of its own.
+    pub fn judge(&self) -> JudgeConfig {
+        JudgeConfig {
+            kind: self.kind,
+            mode: self.mode,
+            templates: self.templates.clone(),
+            labels: self.labels.clone(),
+            tie_margin: self.tie_margin,
+            reask: self.reask,
+            openai: self.openai.clone(),
+            embedded: self.embedded.clone(),
+            panel: PanelConfig::default(),
+        }
+    }
 }
 
 impl Default for JudgeConfig {
@@ -56,6 +136,7 @@ impl Default for JudgeConfig {
             reask: true,
             openai: OpenAiConfig::default(),
             embedded: EmbeddedConfig::default(),
+            panel: PanelConfig::default(),
         }
     }
 }
@@ -164,6 +245,119 @@ impl JudgeConfig {
                 m.path = base.join(&m.path);
             }
         }
+        for m in &mut self.panel.members {
+            if let Some(t) = &mut m.templates {
+                if t.is_relative() {
+                    *t = base.join(&*t);
+                }
+            }
+            if let Some(e) = &mut m.embedded.model {
+                if e.path.is_relative() {
+                    e.path = base.join(&e.path);
+                }
+            }
+        }
+    }
+
+    /// The OpenAI-endpoint judges this section names, with their config keys: itself, or a
+    /// panel's `openai` members.
+    pub fn endpoints(&self) -> Vec<(String, JudgeConfig)> {
+        match self.kind {
+            JudgeKind::Openai => vec![("judge".to_string(), self.clone())],
+            JudgeKind::Embedded => vec![],
+            JudgeKind::Panel => self
+                .panel
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.kind == JudgeKind::Openai)
+                .map(|(i, m)| (format!("judge.panel.members[{i}]"), m.judge()))
+                .collect(),
+        }
+    }
+
+    /// Pairs worth judging at once: enough to fill the judge (`both` makes two calls per pair;
+    /// the judge's own semaphore does the limiting), or a panel's busiest member.
+    pub fn pair_concurrency(&self) -> usize {
+        match self.kind {
+            JudgeKind::Openai => self.openai.max_concurrency * 2,
+            JudgeKind::Embedded => self.embedded.max_num_seqs,
+            JudgeKind::Panel => self.panel.members.iter().map(|m| m.judge().pair_concurrency()).max().unwrap_or(1),
+        }
+    }
+
+    /// What this judge is, in a few words (for logs and summaries; never a key).
+    pub fn describe(&self, policy: &ModelConfig) -> String {
+        match self.kind {
+            JudgeKind::Openai => format!("openai {} at {}", self.openai.model, self.openai.base_url),
+            JudgeKind::Embedded => format!("embedded {}", self.embedded_model(policy).path.display()),
+            JudgeKind::Panel => {
+                let m: Vec<String> =
+                    self.panel.members.iter().map(|m| format!("{} (weight {}: {})", m.name, m.weight, m.judge().describe(policy))).collect();
+                format!("panel of {}, quorum {}: {}", m.len(), self.panel.quorum(), m.join(", "))
+            }
+        }
+    }
+
+    pub fn is_panel(&self) -> bool {
+        self.kind == JudgeKind::Panel
+    }
+
+    /// Whether judge tokens have a price: this judge's, or (a panel) at least one member's.
+    pub fn priced(&self) -> bool {
+        if self.is_panel() {
+            self.panel.members.iter().any(|m| m.openai.prices().is_some())
+        } else {
+            self.openai.prices().is_some()
+        }
+    }
+
+    /// What `usage` (all members' tokens) and `by_member` (each member's) cost: this judge's
+    /// prices, or for a panel the sum over its priced members; None without any price.
+    pub fn cost(&self, usage: &super::Usage, by_member: &dyn Fn(&str) -> super::Usage) -> Option<f64> {
+        if !self.is_panel() {
+            return self.openai.cost(usage);
+        }
+        let costs: Vec<f64> = self.panel.members.iter().filter_map(|m| m.openai.cost(&by_member(&m.name))).collect();
+        (!costs.is_empty()).then(|| costs.iter().sum())
+    }
+
+    fn validate_panel(&self, key: &str, p: &mut Problems) {
+        let members = &self.panel.members;
+        if !self.is_panel() {
+            if !self.panel.is_empty() {
+                p.push(&format!("{key}.panel"), format!("is set but {key}.kind is {:?}; set {key}.kind = \"panel\" to use it", self.kind));
+            }
+            return;
+        }
+        if members.is_empty() {
+            p.push(&format!("{key}.panel.members"), "a panel needs at least one member ([[judge.panel.members]])");
+            return;
+        }
+        let quorum = self.panel.quorum();
+        if !(1..=members.len()).contains(&quorum) {
+            p.push(&format!("{key}.panel.quorum"), format!("must be in 1..={} (the number of members), got {quorum}", members.len()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, m) in members.iter().enumerate() {
+            let mk = format!("{key}.panel.members[{i}]");
+            let ok_name = !m.name.is_empty() && m.name.len() <= 64 && m.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok_name {
+                p.push(&format!("{mk}.name"), format!("must be 1-64 letters, digits, '-', '_' or '.' (it names the member's metrics), got {:?}", m.name));
+            } else if !names.insert(m.name.as_str()) {
+                p.push(&format!("{mk}.name"), format!("{:?} names two members", m.name));
+            }
+            if !m.weight.is_finite() || m.weight < 0.0 {
+                p.push(&format!("{mk}.weight"), format!("must be finite and >= 0, got {}", m.weight));
+            }
+            if m.kind == JudgeKind::Panel {
+                p.push(&format!("{mk}.kind"), "a member must be \"openai\" or \"embedded\" (panels do not nest)");
+            }
+            m.judge().validate(&mk, p);
+        }
+        if members.iter().all(|m| m.weight == 0.0) {
+            p.push(&format!("{key}.panel.members"), "every member weighs 0: at least one weight must be > 0");
+        }
     }
 
     /// The embedded judge's model: its own, or the policy's.
@@ -172,6 +366,7 @@ impl JudgeConfig {
     }
 
     pub fn validate(&self, key: &str, p: &mut Problems) {
+        self.validate_panel(key, p);
         let o = &self.openai;
         let k = |s: &str| format!("{key}.openai.{s}");
         if self.kind == JudgeKind::Openai {

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod embedded;
 pub mod openai;
+pub mod panel;
 pub mod templates;
 pub mod verdict;
 
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use config::{EmbeddedConfig, JudgeConfig, JudgeKind, OpenAiConfig, VerdictMode};
 pub use embedded::EmbeddedJudge;
 pub use openai::OpenAiJudge;
+pub use panel::Panel;
 
 /// Which of the two answers, in the order the judge read them, it preferred.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,11 +165,12 @@ impl JudgeOutput {
     }
 }
 
-/// Builds the judge `[judge]` describes; `policy` is the `[model]` section, used by an embedded
-/// judge that has no model of its own.
+/// Builds the one judge `[judge]` describes (a panel is refused: see [`Panel::from_config`]);
+/// `policy` is the `[model]` section, used by an embedded judge that has no model of its own.
 pub async fn from_config(judge: &JudgeConfig, policy: &crate::model::ModelConfig) -> Result<Arc<dyn Judge>> {
-    Ok(match judge.kind {
-        JudgeKind::Openai => Arc::new(OpenAiJudge::new(judge)?),
-        JudgeKind::Embedded => Arc::new(EmbeddedJudge::load(judge, &judge.embedded_model(policy)).await?),
-    })
+    if judge.kind == JudgeKind::Panel {
+        anyhow::bail!("judge.kind = \"panel\": this command takes one judge (a panel is for run, judge and eval); name one judge in [judge]");
+    }
+    let panel = Panel::from_config(judge, policy).await?;
+    Ok(panel.only().expect("one judge").clone())
 }

@@ -35,7 +35,7 @@ use crate::curriculum::{self, Curriculum};
 use crate::data::{Task, TaskSampler};
 use crate::engine::remote::{PoolShort, RemoteEngine, ServerStats};
 use crate::engine::{Backend, ChatMessage, Engine, Role, Rollout};
-use crate::judge::Judge;
+use crate::judge::Panel;
 use crate::learner::{Learner, Trajectory, UpdateStats};
 use crate::metrics::MetricsWriter;
 use crate::progress::Progress;
@@ -160,7 +160,7 @@ pub struct Trainer {
     engine: Arc<dyn Engine>,
     /// The same engine when it is a remote pool, for its per-server metrics.
     pool: Option<Arc<RemoteEngine>>,
-    judge: Arc<dyn Judge>,
+    judge: Arc<Panel>,
     learner: Option<Learner>,
     curriculum: Curriculum,
     sampler: TaskSampler,
@@ -264,8 +264,9 @@ impl Trainer {
     /// (one-step-off) count: their tokens are spent.
     fn judge_budget_reached(&self) -> Option<(&'static str, String)> {
         let run = &self.cfg.run;
-        let ahead = self.pending.as_ref().map(|p| p.judge_usage()).unwrap_or_default();
-        let spent = self.judge_spent.plus(&ahead, self.cfg.judge.openai.cost(&ahead));
+        let ahead_stats = self.pending.as_ref().map(|p| p.judge_stats()).unwrap_or_default();
+        let ahead = ahead_stats.usage();
+        let spent = self.judge_spent.plus(&ahead, self.cfg.judge.cost(&ahead, &|m| ahead_stats.member_usage(m)));
         let detail = format!(
             "{} judge tokens used ({} prompt + {} completion{}{})",
             spent.tokens(),
@@ -277,7 +278,7 @@ impl Trainer {
         if run.max_judge_tokens > 0 && spent.tokens() >= run.max_judge_tokens {
             return Some(("run.max_judge_tokens", format!("judge budget reached: run.max_judge_tokens = {}, {detail}", run.max_judge_tokens)));
         }
-        if run.max_judge_cost > 0.0 && self.cfg.judge.openai.prices().is_some() && spent.cost >= run.max_judge_cost {
+        if run.max_judge_cost > 0.0 && self.cfg.judge.priced() && spent.cost >= run.max_judge_cost {
             return Some((
                 "run.max_judge_cost",
                 format!("judge budget reached: run.max_judge_cost = {}, judge cost {:.6} ({detail})", run.max_judge_cost, spent.cost),
@@ -484,19 +485,16 @@ impl Trainer {
 
         record::write_samples(&self.run.samples(), step, &self.tasks, &own)?;
         let mut record = record::step_record(step, &own, &stats, skipped, &cm, update.as_ref(), &self.cfg);
-        let usage = crate::judge::Usage {
-            prompt_tokens: stats.judge_prompt_tokens,
-            completion_tokens: stats.judge_completion_tokens,
-            usage_missing: stats.judge_usage_missing.min(u32::MAX as u64) as u32,
-        };
-        let cost = self.cfg.judge.openai.cost(&usage);
+        let usage = stats.usage();
+        let cost = self.cfg.judge.cost(&usage, &|m| stats.member_usage(m));
         self.judge_spent = self.judge_spent.plus(&usage, cost);
         record.judge_tokens_total = self.judge_spent.tokens();
         (record.judge_cost, record.judge_cost_total) = (cost, cost.map(|_| self.judge_spent.cost));
         (record.t_generate, record.t_judge_tail, record.t_learn, record.t_overlap) = (t_generate, t_judge_tail, t_learn, t_overlap);
         (record.t_sync, record.sync_bytes) = (t_sync, sync_bytes);
         record.learn_tokens_per_s = update.as_ref().map(|u| u.tokens as f64 / t_learn.max(1e-9));
-        record.pool = record::pool_metrics(&self.pool_before, &self.pool_stats(), &self.pool_serving(), t_generate);
+        record.parts = record::pool_metrics(&self.pool_before, &self.pool_stats(), &self.pool_serving(), t_generate);
+        record.parts.extend(record::member_metrics(&stats, &self.cfg.judge));
 
         let last = step == self.cfg.run.steps;
         // The step that reaches a judge budget is the run's last (unless it is the last anyway).
@@ -532,7 +530,7 @@ impl Trainer {
             }
         }
         let pool_now = self.pool_stats();
-        record.pool = record::pool_metrics(&self.pool_before, &pool_now, &self.pool_serving(), t_generate);
+        record.parts.extend(record::pool_metrics(&self.pool_before, &pool_now, &self.pool_serving(), t_generate));
         self.pool_before = pool_now;
         record.t_step = t_step.elapsed().as_secs_f64();
         record.t_other = (record.t_step - t_generate - t_judge_tail - (t_learn - t_overlap) - t_sync - t_checkpoint).max(0.0);

@@ -90,12 +90,13 @@ fn bits_to_floats(v: Value) -> Result<Value> {
 
 impl Pending {
     /// Tokens the judge spent on these rollouts.
-    pub fn judge_usage(&self) -> crate::judge::Usage {
-        let mut u = crate::judge::Usage::default();
+    /// What judging these rollouts counted (tokens, per panel member too).
+    pub fn judge_stats(&self) -> crate::reward::RewardStats {
+        let mut s = crate::reward::RewardStats::default();
         for j in self.groups.iter().flatten() {
-            u.add(j.reward.usage());
+            s.add(&j.reward);
         }
-        u
+        s
     }
 
     /// The bytes of `pending.json`. Refuses what could not be read back: JSON has no NaN or
@@ -187,7 +188,7 @@ mod tests {
             retries: 0,
             usage: crate::judge::Usage { prompt_tokens: 40, completion_tokens: 2, usage_missing: 0 },
         };
-        let call = JudgeCall { response_first: true, output, outcome: Some(Outcome::Win) };
+        let call = JudgeCall { response_first: true, output, outcome: Some(Outcome::Win), member: None };
         let reward = RewardOutcome {
             calls: vec![call],
             outcome: Some(Outcome::Win),
@@ -196,6 +197,7 @@ mod tests {
             unscored_reason: None,
             consistent: None,
             replaced_usage: Default::default(),
+            members: Vec::new(),
         };
         Pending {
             step: 2,

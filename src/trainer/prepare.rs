@@ -83,11 +83,11 @@ pub fn prepare(opts: &RunOptions) -> Result<Prepared> {
     };
     let tasks = read_tasks(&tasks_path, refs)?;
     Curriculum::new_for(&cfg.curriculum, &tasks, cfg.reward.reference)?;
-    if cfg.judge.kind == crate::judge::JudgeKind::Openai && !cfg.judge.openai.api_key_env.is_empty() {
-        let var = &cfg.judge.openai.api_key_env;
-        if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {
+    for (key, j) in cfg.judge.endpoints() {
+        let var = &j.openai.api_key_env;
+        if !var.is_empty() && std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) {
             bail!(
-                "{}: judge.openai.api_key_env: the environment variable {var} is not set (export it, or set \
+                "{}: {key}.openai.api_key_env: the environment variable {var} is not set (export it, or set \
                  api_key_env = \"\" for an endpoint without a key)",
                 opts.config.display()
             );

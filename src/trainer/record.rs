@@ -129,8 +129,40 @@ pub struct StepRecord {
     /// ejecting it), `pool/<i>/refused` (groups it refused as bad requests), `pool/<i>/ejections`,
     /// and at the step's end `pool/<i>/healthy` (1 or 0) and `pool/<i>/serving` (the version it
     /// generates with; "" while ejected).
+    ///
+    /// A judge panel's members over the step (`judge.kind = "panel"` only), member `<m>` by its
+    /// name: `judge/<m>/reward_mean` (over the pairs it scored), `judge/<m>/agreement` (with the
+    /// panel's outcome: 1 the same, 0.5 when one of the two is a tie, 0 a win against a loss),
+    /// `judge/<m>/position_consistency` (`both` only), `judge/<m>/latency_ms_mean`,
+    /// `judge/<m>/scored`, `judge/<m>/unscored` (pairs), `judge/<m>/failed_calls`,
+    /// `judge/<m>/prompt_tokens`, `judge/<m>/completion_tokens` and, with its prices,
+    /// `judge/<m>/cost`.
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub pool: BTreeMap<String, Value>,
+    pub parts: BTreeMap<String, Value>,
+}
+
+/// The `judge/<member>/...` fields of a step (see [`StepRecord::parts`]); empty for one judge.
+pub fn member_metrics(stats: &RewardStats, judge: &crate::judge::JudgeConfig) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for (name, m) in &stats.members {
+        let cost = judge.panel.members.iter().find(|c| &c.name == name).and_then(|c| c.openai.cost(&m.usage()));
+        let fields = [
+            ("reward_mean", serde_json::json!(m.reward_mean())),
+            ("agreement", serde_json::json!(m.agreement())),
+            ("position_consistency", serde_json::json!(m.position_consistency())),
+            ("latency_ms_mean", serde_json::json!(m.latency_ms_mean())),
+            ("scored", serde_json::json!(m.scored)),
+            ("unscored", serde_json::json!(m.pairs - m.scored)),
+            ("failed_calls", serde_json::json!(m.failed_calls)),
+            ("prompt_tokens", serde_json::json!(m.prompt_tokens)),
+            ("completion_tokens", serde_json::json!(m.completion_tokens)),
+            ("cost", serde_json::json!(cost)),
+        ];
+        for (k, v) in fields {
+            out.insert(format!("judge/{name}/{k}"), v);
+        }
+    }
+    out
 }
 
 /// The `pool/<i>/...` fields of a step (see [`StepRecord::pool`]): each counter's growth from
@@ -174,6 +206,9 @@ pub struct CallRecord {
     /// The call's tokens (`prompt_tokens`, `completion_tokens`, `usage_missing`).
     #[serde(flatten)]
     pub usage: crate::judge::Usage,
+    /// The panel member that made it (panels only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 /// One rollout in `samples/step-NNNNNN.jsonl`.
@@ -201,6 +236,9 @@ pub struct SampleRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partner: Option<usize>,
     pub calls: Vec<CallRecord>,
+    /// A panel's members' own results for this rollout (their calls are in `calls`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<crate::reward::MemberOutcome>,
 }
 
 impl SampleRecord {
@@ -221,6 +259,7 @@ impl SampleRecord {
                     latency_ms: c.output.latency_ms,
                     retries: c.output.retries,
                     usage: c.output.usage,
+                    member: c.member.clone(),
                 }
             })
             .collect()
@@ -275,6 +314,7 @@ pub(super) fn write_samples(dir: &Path, step: u64, tasks: &[Arc<Task>], own: &Pe
                 unscored_reason: j.reward.unscored_reason.clone(),
                 partner: j.partner,
                 calls: SampleRecord::calls_of(&j.reward),
+                members: j.reward.members.clone(),
             });
         }
     }
@@ -365,7 +405,7 @@ pub(super) fn step_record(
         t_step: 0.0,
         sync_bytes: 0,
         off_policy_steps: (step - 1).saturating_sub(own.generated_by),
-        pool: BTreeMap::new(),
+        parts: BTreeMap::new(),
     }
 }
 
@@ -396,7 +436,7 @@ mod tests {
         assert!(pool_metrics(&[], &[], "v", 1.0).is_empty(), "no pool, no keys");
 
         // Flat in the metrics line; read back (a resume's last line, a checkpoint's record) whole.
-        let r = StepRecord { step: 3, pool: m, ..StepRecord::default() };
+        let r = StepRecord { step: 3, parts: m, ..StepRecord::default() };
         let line = serde_json::to_value(&r).unwrap();
         assert_eq!(line["pool/0/requests"], 6);
         assert_eq!(line["pool/1/serving"], "");

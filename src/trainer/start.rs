@@ -27,7 +27,7 @@ impl Trainer {
     pub async fn start(p: Prepared) -> Result<Self> {
         let Prepared { cfg, tasks, run, checkpoint, .. } = p;
         let hash = config_hash(&cfg)?;
-        let judge = crate::judge::from_config(&cfg.judge, &cfg.model).await?;
+        let judge = Arc::new(crate::judge::Panel::from_config(&cfg.judge, &cfg.model).await?);
         let saved = match &checkpoint {
             Some(d) => Some(TrainerState::read(d)?),
             None => None,
