@@ -8,7 +8,7 @@
 #
 #   scripts/check-vllm.sh            (about 10 minutes on 2 cores after the venv is installed)
 #
-# ORCHESTRATOR_BIN: a built binary to use (skips setup.sh's build; tests/vllm.rs passes its own).
+# ORCHESTRATOR_BIN: a built binary to use (skips setup.sh's build; tests/it/remote.rs passes its own).
 # CHECK_VLLM_OUT: where the run, the server log and summary.json go (default: a new temp dir).
 # CHECK_VLLM_STEPS: steps of the run (default 3, at least 2).
 set -euo pipefail

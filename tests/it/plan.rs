@@ -2,7 +2,7 @@
 //! shape checked against a hand computation, the shipped 7B config on 80 GB and 141 GB GPUs,
 //! and bad input named by its key.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

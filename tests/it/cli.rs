@@ -1,6 +1,6 @@
 //! The binary: config checking, `generate`, and libtorch being linked.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

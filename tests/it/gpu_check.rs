@@ -1,7 +1,7 @@
 //! `scripts/gpu-check.sh --cpu-smoke`: the GPU machine's one-shot script, run here on the CPU
 //! binary with tiny shapes, so it cannot rot between the rare times a GPU is lent.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! TensorBoard), and the last step's weights reaching the pool when a one-step-off run ends.
 //! Loopback vLLM stand-ins of `testkit::pool` generating with our own engine on a tiny model.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! `orchestrator eval` against the scripted judge on 127.0.0.1 with two real tiny models, and
 //! `orchestrator report` on a metrics file written here; both run as the real binary.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! Tasks, importers and margin-aware selection, through the library and the real binary.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

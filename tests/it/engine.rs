@@ -1,6 +1,6 @@
 //! The real mistral.rs engine on tiny random models written by the test.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -339,6 +339,9 @@ fn twenty_reloads_do_not_leak() {
 /// Runs the ignored test `name` alone in a child process of this test binary, and fails if it
 /// failed or did not run.
 fn run_alone(name: &str) {
+    // Test names in the one integration binary carry their module's path.
+    let name = format!("{}::{name}", module_path!().split_once("::").map_or(module_path!(), |(_, m)| m));
+    let name = name.as_str();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--ignored", "--nocapture", "--test-threads", "1"])
         .output()

@@ -1,6 +1,6 @@
 //! The tch learner against the real mistral.rs engine on tiny random models written by the test.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,7 +34,7 @@ fn tch_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// One sequence at a time: mistral.rs 0.8.1's batched CPU decode mixes the attention outputs
-/// of sequences that share a step (see tests/engine.rs), which would corrupt the reference.
+/// of sequences that share a step (see tests/it/engine.rs), which would corrupt the reference.
 async fn engine_for(dir: &Path) -> MistralEngine {
     let model = ModelConfig { path: dir.to_path_buf(), format: Default::default(), dtype: Default::default() };
     MistralEngine::load(&model, &EngineConfig::default()).await.expect("engine loads")

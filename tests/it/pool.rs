@@ -3,7 +3,7 @@
 //! death after n requests, delay, failing pushes), restart on the same port, LoRA pushes that
 //! serve exactly the learner's policy, and the `serve-test-pool` subcommand.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ const PROMPTS: &[&str] = &[
 
 const NAME: &str = "tiny";
 
-/// The model of tests/engine.rs `stop_strings_end_generation`, whose greedy text takes a stop string.
+/// The model of tests/it/engine.rs `stop_strings_end_generation`, whose greedy text takes a stop string.
 fn model(tmp: &Path) -> PathBuf {
     common::tiny_model(&tmp.join("model"), &TinySpec::llama(6))
 }
@@ -166,7 +166,7 @@ async fn replies_carry_the_embedded_engines_ids_and_logprobs() {
     let eos = tok.token_to_id(orchestrator::testkit::tiny::EOS).unwrap();
     // A stop string from the first prompt's greedy text, greedy and on that prompt only, so it
     // is sure to match (stops after invalid UTF-8 under random sampling, which panicked
-    // unpatched 0.8.1, are tests/engine.rs `stop_string_after_invalid_utf8_is_no_panic`).
+    // unpatched 0.8.1, are tests/it/engine.rs `stop_string_after_invalid_utf8_is_no_panic`).
     let greedy = engine.generate(&requests(1, 0)[..1], &SamplingConfig::greedy(40)).await.unwrap();
     let chars: Vec<char> = greedy[0][0].text.chars().collect();
     let stop: String = chars[8..11].iter().collect();

@@ -3,7 +3,7 @@
 //! and `export` (merged HF directory, PEFT adapter) checked file by file, name by name.
 //! Real mistral.rs engine and tch learner on a tiny model, a real HTTP judge on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;

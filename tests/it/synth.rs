@@ -2,7 +2,7 @@
 //! real mistral.rs engine and tch learner loading what it wrote, sampling from it and agreeing
 //! on the ln-probs of the sampled ids.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! the vLLM and SGLang stand-ins of `testkit::pool`, which generate with our own engine on the
 //! tiny model from the prompt ids they are sent, so ids and log-probs are real.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

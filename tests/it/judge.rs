@@ -1,7 +1,7 @@
 //! The judge and the reward against real servers: the scripted OpenAI-compatible server on
 //! 127.0.0.1 (real HTTP, real faults) and a real mistral.rs engine on a tiny model.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! `orchestrator run` end to end: a real mistral.rs engine and tch learner on a tiny model, a
 //! real HTTP judge on 127.0.0.1, real files. Most runs are child processes so they can be killed.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
