@@ -203,14 +203,6 @@ impl RewardOutcome {
     pub fn latency_ms(&self) -> u64 {
         self.calls.iter().map(|c| c.output.latency_ms).max().unwrap_or(0)
     }
-    /// Tokens of the calls `member` made (replaced calls are not attributed to a member).
-    pub fn member_usage(&self, member: &str) -> Usage {
-        let mut u = Usage::default();
-        for c in self.calls.iter().filter(|c| c.member.as_deref() == Some(member)) {
-            u.add(c.output.usage);
-        }
-        u
-    }
 }
 
 /// The response's outcome given which position it held.
