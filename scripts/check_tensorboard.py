@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reads a run's TensorBoard event files back with TensorBoard's own EventAccumulator and checks
 them against the run's metrics.jsonl: every numeric field of every line is a scalar at that step
-(`levels` as levels_0, levels_1, ...; a remote pool's `pool/<i>/<name>` as that very tag), equal
+(`levels` as levels_0, levels_1, ...; a remote pool's `pool/<i>/<name>` and a judge panel's
+`judge/<member>/<name>` as that very tag), equal
 to the JSON value rounded to f32 (TensorBoard's simple_value), with the line's timestamp as wall
 time; nothing more, and no step twice.
 
@@ -63,8 +64,9 @@ def main():
     got_fields = {}
     for tag in tags:
         group, _, field = tag.partition("/")
-        if group == "pool":
-            # A remote pool's per-server keys (pool/<i>/<name>) are their own tags.
+        if group == "pool" or (group == "judge" and "/" in field):
+            # A remote pool's per-server keys (pool/<i>/<name>) and a judge panel's per-member
+            # keys (judge/<member>/<name>) are their own tags.
             field = tag
         if not field or not group:
             problems.append(f"tag {tag!r} is not group/field")

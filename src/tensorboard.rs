@@ -115,9 +115,10 @@ fn unix_secs() -> u64 {
 
 /// The TensorBoard tag of a metrics key: grouped by what it measures, the key kept whole so a
 /// tag maps back to its field (`levels` becomes `ladder/levels_0`, `ladder/levels_1`, ...). A
-/// remote pool's per-server keys are grouped already and stay as they are (`pool/0/tok_per_s`).
+/// remote pool's per-server keys and a judge panel's per-member keys are grouped already and stay
+/// as they are (`pool/0/tok_per_s`, `judge/big/agreement`).
 pub fn tag(key: &str) -> String {
-    if key.starts_with("pool/") {
+    if key.starts_with("pool/") || key.starts_with("judge/") {
         return key.to_string();
     }
     let group = match key {
@@ -297,6 +298,12 @@ mod tests {
         .to_string();
         let s = scalars(&line);
         assert_eq!(s, vec![("pool/0/requests".to_string(), 8.0), ("pool/1/healthy".to_string(), 0.0)]);
+        // A panel member's fields keep their key as the tag; the panel's own totals are grouped.
+        let line = json!({"step": 2, "judge/big/agreement": 0.5, "judge/big/cost": null, "judge_calls": 4}).to_string();
+        assert_eq!(
+            scalars(&line),
+            vec![("judge/big/agreement".to_string(), 0.5), ("judge/judge_calls".to_string(), 4.0)]
+        );
         // The nearest f64 to the text, where serde_json's fast parser can be an ulp off.
         let t = "1795941873.4188945";
         assert_eq!(scalars(&format!("{{\"step\":1,\"x\":{t}}}"))[0].1, t.parse::<f64>().unwrap());

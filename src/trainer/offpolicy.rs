@@ -89,7 +89,6 @@ fn bits_to_floats(v: Value) -> Result<Value> {
 }
 
 impl Pending {
-    /// Tokens the judge spent on these rollouts.
     /// What judging these rollouts counted (tokens, per panel member too).
     pub fn judge_stats(&self) -> crate::reward::RewardStats {
         let mut s = crate::reward::RewardStats::default();

@@ -1211,4 +1211,7 @@ async fn a_panel_run_with_k_of_m_promotion_survives_kill_9_bit_for_bit() {
         assert_eq!(p, q, "samples of step {st}");
         assert!(p.iter().all(|r| r["members"].as_array().map(|m| m.len()) == Some(2)), "step {st}: {p:?}");
     }
+    // TensorBoard's own reader finds every per-member number under its key, after six kills.
+    let (code, text) = common::check_tensorboard(&crashed);
+    assert_eq!(code, 0, "{text}");
 }
