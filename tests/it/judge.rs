@@ -965,3 +965,51 @@ fn bad_panels_are_refused_naming_the_key() {
         assert!(e.contains(key), "{text}\n=> {e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn judge_cli_with_a_panel_writes_each_members_result_and_prints_its_table() {
+    let good = ScriptedServer::start(rules::prefer_containing("GOOD")).await.unwrap();
+    let down = ScriptedServer::start(Behavior::unavailable(None)).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let member = |name: &str, weight: &str, url: &str| {
+        format!(
+            "[[judge.panel.members]]\nname = \"{name}\"\nweight = {weight}\n[judge.panel.members.openai]\nbase_url = \"{url}\"\n\
+             api_key_env = \"\"\nmax_retries = 0\ntimeout_secs = 5.0\nbreaker_failures = 0\n"
+        )
+    };
+    let cfg = write(
+        tmp.path(),
+        "panel.toml",
+        &format!(
+            "[model]\npath = \"unused\"\n[reward]\nposition = \"both\"\n[judge]\nkind = \"panel\"\n{}{}",
+            member("good", "1.0", &good.base_url()),
+            member("down", "3.0", &down.base_url())
+        ),
+    );
+    let pairs = write(
+        tmp.path(),
+        "pairs.jsonl",
+        "{\"id\": \"a\", \"prompt\": \"Write.\", \"response\": \"GOOD text\", \"reference\": \"text\"}\n\
+         {\"id\": \"b\", \"prompt\": \"Write.\", \"response\": \"text\", \"reference\": \"GOOD text\"}\n",
+    );
+    let out = tmp.path().join("out.jsonl");
+    let res = Command::new(common::bin()).arg("judge").arg("--config").arg(&cfg).arg("--pairs").arg(&pairs).arg("--out").arg(&out).output().unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&res.stderr));
+    // Quorum 1: the heavier member is down, so the pairs are the other member's verdicts.
+    assert!(stdout.contains("2 pairs: win 1 / tie 0 / loss 1 / unscored 0"), "{stdout}");
+    let row = |name: &str| stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} row:\n{stdout}")).split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    // member, weight, pairs, scored, reward, agree, consist., latency, failed, tokens, cost
+    let (g, d) = (row("good"), row("down"));
+    assert_eq!((g[1].as_str(), g[2].as_str(), g[3].as_str(), g[4].as_str(), g[5].as_str(), g[6].as_str(), g[8].as_str()), ("1.00", "2", "2", "0.500", "1.000", "1.000", "0"), "{stdout}");
+    assert_eq!((d[1].as_str(), d[2].as_str(), d[3].as_str(), d[5].as_str(), d[8].as_str()), ("3.00", "2", "0", "-", "4"), "{stdout}");
+    let lines: Vec<Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["members"].as_array().unwrap().len(), 2, "{l}");
+        assert_eq!(l["calls"].as_array().unwrap().len(), 4, "{l}");
+        assert!(l["members"][1]["unscored_reason"].as_str().unwrap().contains("503"), "{l}");
+    }
+    assert_eq!(lines[0]["outcome"], "win");
+    assert_eq!(lines[0]["calls"][0]["member"], "good");
+}
