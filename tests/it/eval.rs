@@ -47,10 +47,16 @@ fn shown(a: &str) -> String {
 /// A judge preferring the longer answer (as shown), a tie on equal length; prompts with
 /// UNSCORABLE get an HTTP 400 (not retried, so the call is unscored).
 fn longer_wins() -> Behavior {
-    let by_len = rules::verdict_by(|a, b| match a.len().cmp(&b.len()) {
-        std::cmp::Ordering::Greater => Verdict::First,
-        std::cmp::Ordering::Less => Verdict::Second,
+    length_judge(std::cmp::Ordering::Greater)
+}
+
+/// Prefers the answer whose length compares to the other's as `preferred` (as shown), a tie on
+/// equal length; prompts with UNSCORABLE get an HTTP 400.
+fn length_judge(preferred: std::cmp::Ordering) -> Behavior {
+    let by_len = rules::verdict_by(move |a, b| match a.len().cmp(&b.len()) {
         std::cmp::Ordering::Equal => Verdict::Tie,
+        o if o == preferred => Verdict::First,
+        _ => Verdict::Second,
     });
     Behavior::rule(move |req| {
         if req.prompt().contains("UNSCORABLE") {
@@ -396,18 +402,7 @@ fn report_writes_readable_pngs_and_a_summary_with_the_totals() {
 
 /// A judge preferring the shorter answer (the length judge reversed), a tie on equal length.
 fn shorter_wins() -> Behavior {
-    let by_len = rules::verdict_by(|a, b| match a.len().cmp(&b.len()) {
-        std::cmp::Ordering::Less => Verdict::First,
-        std::cmp::Ordering::Greater => Verdict::Second,
-        std::cmp::Ordering::Equal => Verdict::Tie,
-    });
-    Behavior::rule(move |req| {
-        if req.prompt().contains("UNSCORABLE") {
-            Behavior::error(400, "this prompt is refused")
-        } else {
-            by_len.clone()
-        }
-    })
+    length_judge(std::cmp::Ordering::Less)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
