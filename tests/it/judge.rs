@@ -1012,4 +1012,22 @@ async fn judge_cli_with_a_panel_writes_each_members_result_and_prints_its_table(
     }
     assert_eq!(lines[0]["outcome"], "win");
     assert_eq!(lines[0]["calls"][0]["member"], "good");
+
+    // A member's key variable unset: an error naming the member and the variable, output kept.
+    let before = std::fs::read(&out).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let keyed = text.replacen("api_key_env = \"\"", "api_key_env = \"PANEL_MEMBER_KEY_UNSET\"", 2).replacen(
+        "api_key_env = \"PANEL_MEMBER_KEY_UNSET\"",
+        "api_key_env = \"\"",
+        1,
+    );
+    std::fs::write(&cfg, keyed).unwrap();
+    let res = Command::new(common::bin())
+        .env_remove("PANEL_MEMBER_KEY_UNSET")
+        .arg("judge").arg("--config").arg(&cfg).arg("--pairs").arg(&pairs).arg("--out").arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("judge.panel.members[1]") && err.contains("PANEL_MEMBER_KEY_UNSET is not set"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), before);
 }
