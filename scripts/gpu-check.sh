@@ -11,6 +11,8 @@
 #   run      a 2-step `orchestrator bench run` in configs/7b.toml's shape (LoRA, paged attention,
 #            bf16) against the scripted judge: phase times, weight sync (merge, export, reload),
 #            engine-vs-learner log-prob max |diff| on the step's rollouts
+# and checks that no matrix product of the engine and run stages took our CPU kernel's path
+# (`cpu_kernel_products` 0; the CPU smoke run must count some),
 # and writes one JSON (--out, default gpu-check.json) with plan's prediction beside every
 # measured peak GPU memory (nvidia-smi, sampled every 200 ms; it includes the CUDA context and
 # what the caching allocators hold). A stage cut short by its budget is reported as such, with
@@ -293,12 +295,21 @@ if run and run.get("steps"):
     res["phase_times"] = [{k: s.get(k) for k in ["step", "t_generate", "t_judge_tail", "t_learn", "t_sync", "t_checkpoint", "t_other", "t_step", "gen_tokens_per_s", "learn_tokens_per_s", "sync_bytes"]} for s in run["steps"]]
 if run and run.get("sync"):
     res["weight_sync"] = run["sync"]
+# On a GPU no matrix product may take our CPU kernel's path (candle's CPU MatMul): a count above 0
+# means the engine or the learner computed on the CPU. On the CPU smoke run it must count some.
+for s in ["engine", "run"]:
+    r = st[s].get("result") or {}
+    if "cpu_kernel_products" in r:
+        st[s]["cpu_kernel_products"] = r["cpu_kernel_products"]
+        if not smoke and r["cpu_kernel_products"] > 0 and st[s].get("status") == "ok":
+            st[s]["status"] = "cpu_kernel"
+            st[s]["error"] = f"{r['cpu_kernel_products']} matrix products took the CPU kernel's path on a GPU build"
 res["ok"] = all(st[s].get("status") == "ok" for s in st)
 json.dump(res, open(out, "w"), indent=1)
 print(json.dumps({k: res.get(k) for k in ["mode", "ok", "wall_s", "parity_logprob_max_abs_diff"]}))
 for s in st:
     x = st[s]
-    extra = {k: x[k] for k in ["gpu_mem_peak_over_base_gib", "plan_gib", "measured_host_gib"] if k in x}
+    extra = {k: x[k] for k in ["gpu_mem_peak_over_base_gib", "plan_gib", "measured_host_gib", "cpu_kernel_products", "error"] if k in x}
     print(f"{s:8} {x.get('status'):10} {x.get('secs', '-')}s {extra}")
 sys.exit(0 if res["ok"] else 1)
 EOF

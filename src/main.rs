@@ -326,6 +326,9 @@ async fn dispatch(cmd: Command) -> Result<()> {
             );
             let t0 = std::time::Instant::now();
             let rows = orchestrator::engine::bench::run(&engine, &batches, &cfg.engine.sampling, repeats, !no_serial, !no_plain).await?;
+            // Matrix products our CPU kernel served: none where the engine runs on a GPU.
+            let cpu_kernel_products = candle_core::cpu_backend::rowdot_products();
+            println!("CPU kernel products: {cpu_kernel_products}");
             if let Some(path) = json {
                 let rows: Vec<_> = rows
                     .iter()
@@ -347,6 +350,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     "repeats": repeats,
                     "secs": t0.elapsed().as_secs_f64(),
                     "rows": rows,
+                    "cpu_kernel_products": cpu_kernel_products,
                 });
                 orchestrator::fsutil::atomic_write(&path, &serde_json::to_vec_pretty(&v)?)?;
             }

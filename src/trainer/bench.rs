@@ -384,6 +384,8 @@ pub async fn run(args: BenchRunArgs) -> Result<()> {
         report.insert("off_policy_vs_sync".into(), serde_json::to_value(OffVsSync::of(s, o))?);
     }
     report.insert("modes".into(), serde_json::Value::Array(runs.iter().map(|r| r.json()).collect()));
+    // Products our CPU kernel computed in this process: 0 where the engine and learner ran on a GPU.
+    report.insert("cpu_kernel_products".into(), serde_json::json!(candle_core::cpu_backend::rowdot_products()));
     if let Some(path) = &args.json {
         crate::fsutil::atomic_write(path, &serde_json::to_vec_pretty(&serde_json::Value::Object(report))?)?;
     }

@@ -48,4 +48,11 @@ fn gpu_check_cpu_smoke_runs_every_stage_and_writes_one_json() {
     let parity = v["parity_logprob_max_abs_diff"].as_f64().unwrap();
     assert!(parity < 1e-3, "{parity}");
     assert_eq!(v["phase_times"].as_array().unwrap().len(), 2);
+    // The count a GPU run must keep at 0 does count here: f32 products on a CPU with the kernel.
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        for s in ["engine", "run"] {
+            let n = st[s]["cpu_kernel_products"].as_u64().unwrap();
+            assert!(n > 0, "stage {s}: {n} CPU kernel products");
+        }
+    }
 }
