@@ -12,5 +12,5 @@ cargo test --release --locked "$@" 2>&1
 # Our patches of mistral.rs and candle carry their own regression tests (README, "Patched
 # crates"). Naming orchestrator too keeps every shared dependency's features as above, so only the
 # patched crates' test harnesses are compiled.
-cargo test --release --locked -p orchestrator -p mistralrs-core --lib flash_attn_cpu 2>&1
+cargo test --release --locked -p orchestrator -p mistralrs-core --lib -- flash_attn_cpu prefix_cache_cpu 2>&1
 cargo test --release --locked -p orchestrator -p candle-core --lib rowdot 2>&1

@@ -135,6 +135,9 @@ pub async fn run(args: EvalArgs) -> Result<()> {
         print!("{}", crate::reward::member_table(&members, &cfg.judge));
         println!("agree = share of pairs where the member's outcome equals the panel's (a tie against a win or loss counts 0.5)");
     }
+    if let Some(line) = crate::judge::embedded::prefix_cache_summary() {
+        println!("{line}");
+    }
     println!("wrote {} and {}", jpath.display(), spath.display());
     Ok(())
 }

@@ -125,6 +125,9 @@ pub async fn run(args: JudgeArgs) -> Result<()> {
     let mean = if scored.is_empty() { f64::NAN } else { scored.iter().sum::<f64>() / scored.len() as f64 };
     println!("{stats}");
     println!("mean reward over {} scored pairs: {mean:.4}", scored.len());
+    if let Some(line) = crate::judge::embedded::prefix_cache_summary() {
+        println!("{line} (judge prompt tokens in all: {})", stats.judge_prompt_tokens);
+    }
     if cfg.judge.is_panel() {
         print!("{}", reward::member_table(&stats.members, &cfg.judge));
         println!("agree = share of pairs where the member's outcome equals the panel's (a tie against a win or loss counts 0.5)");

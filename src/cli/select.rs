@@ -102,6 +102,9 @@ pub async fn run(args: SelectArgs) -> Result<()> {
     let report_json = serde_json::json!({ "summary": &result.summary, "tasks": &result.tasks });
     crate::fsutil::atomic_write(&report, &serde_json::to_vec_pretty(&report_json)?)?;
     eprint!("{}", result.summary.render());
+    if let Some(line) = crate::judge::embedded::prefix_cache_summary() {
+        eprintln!("{line}");
+    }
     if result.kept.is_empty() {
         anyhow::bail!("no task was kept (report in {}); {} not written", report.display(), args.out.display());
     }

@@ -143,7 +143,7 @@ impl MistralEngine {
                 let mut b = GgufModelBuilder::new(dir, vec![file])
                     .with_token_source(TokenSource::None)
                     .with_max_num_seqs(max_num_seqs)
-                    .with_prefix_cache_n(None);
+                    .with_prefix_cache_n((engine.prefix_cache > 0).then_some(engine.prefix_cache));
                 if let Some(pa) = paged_attention(engine)? {
                     b = b.with_paged_attn(pa);
                 }
@@ -157,7 +157,7 @@ impl MistralEngine {
                     .with_dtype(model_dtype(model.dtype))
                     .with_token_source(TokenSource::None)
                     .with_max_num_seqs(max_num_seqs)
-                    .with_prefix_cache_n(None);
+                    .with_prefix_cache_n((engine.prefix_cache > 0).then_some(engine.prefix_cache));
                 if let Some(pa) = paged_attention(engine)? {
                     b = b.with_paged_attn(pa);
                 }

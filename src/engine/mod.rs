@@ -39,6 +39,13 @@ pub struct EngineConfig {
     pub sampling: SamplingConfig,
     pub paged_attention: PagedAttentionConfig,
     pub remote: RemoteConfig,
+    /// Finished sequences whose KV caches the engine keeps so that a later prompt starting with
+    /// the same tokens prefills only the rest (mistral.rs's prefix cache); 0 keeps none. Not a
+    /// config key: only the embedded judge sets it (`judge.embedded.prefix_cache`), because
+    /// its weights never change, while the policy's change at every sync and would leave the
+    /// cached prefixes stale.
+    #[serde(skip)]
+    pub prefix_cache: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -58,6 +65,7 @@ impl Default for EngineConfig {
             sampling: SamplingConfig::default(),
             paged_attention: PagedAttentionConfig::default(),
             remote: RemoteConfig::default(),
+            prefix_cache: 0,
         }
     }
 }

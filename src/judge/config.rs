@@ -225,11 +225,20 @@ pub struct EmbeddedConfig {
     pub max_num_seqs: usize,
     /// One call at a time, for bit-for-bit reproducible verdicts (see `engine.serial`).
     pub serial: bool,
+    /// Finished calls whose KV caches the judge keeps, so that a call sharing its start with
+    /// one of them (the task, its criteria, often the reference) prefills only the rest. In
+    /// label-probability mode the first call on a task runs before the others on it so they can
+    /// reuse it. Verdicts are the same bits as without it; 0 turns it off. Memory: each kept call holds its KV cache (about
+    /// 24 MB for SmolLM2-135M in f32).
+    pub prefix_cache: usize,
 }
+
+/// Bound on `judge.embedded.prefix_cache`: every kept call holds a whole KV cache in memory.
+pub const MAX_PREFIX_CACHE: usize = 1024;
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        Self { model: None, max_new_tokens: 512, max_num_seqs: 16, serial: false }
+        Self { model: None, max_new_tokens: 512, max_num_seqs: 16, serial: false, prefix_cache: 16 }
     }
 }
 
@@ -427,6 +436,12 @@ impl JudgeConfig {
         }
         if self.embedded.max_num_seqs == 0 {
             p.push(&format!("{key}.embedded.max_num_seqs"), "must be >= 1, got 0");
+        }
+        if self.embedded.prefix_cache > MAX_PREFIX_CACHE {
+            p.push(
+                &format!("{key}.embedded.prefix_cache"),
+                &format!("must be <= {MAX_PREFIX_CACHE} (each kept call holds its KV cache), got {}", self.embedded.prefix_cache),
+            );
         }
     }
 }

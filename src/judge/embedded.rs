@@ -6,7 +6,17 @@
 //! position through a per-request logits processor; the verdict probabilities are the softmax
 //! of those logits restricted to the three label tokens. Labels must be single tokens of the
 //! judge's tokenizer, which [`EmbeddedJudge::load`] checks.
+//!
+//! Calls on one task share most of their prompt (the task, its criteria, often the reference)
+//! and differ only in the answers, which are short next to it. With `judge.embedded.prefix_cache`
+//! the engine keeps finished calls' KV caches and a later call prefills only what follows the
+//! longest start it shares with one of them. The engine looks when a call arrives, so calls sent
+//! together would all miss: in label-probability mode, where a call is one prefill, [`WarmGate`]
+//! lets the first call on a task run before the rest. Generated replies are not held back (a
+//! first call decoding hundreds of tokens would stall the others); their later calls still hit.
 
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -49,8 +59,61 @@ impl CustomLogitsProcessor for FirstLogits {
     }
 }
 
+/// (hits, prompt tokens reused) of every embedded judge's prefix cache in this process so far.
+/// The policy's engine keeps no prefix cache, so these are the judges'.
+pub fn prefix_cache_reuse() -> (u64, u64) {
+    mistralrs_core::prefix_cache_reuse()
+}
+
+/// The CLI's line on prefix reuse so far; None when no call reused anything.
+pub fn prefix_cache_summary() -> Option<String> {
+    let (hits, reused) = prefix_cache_reuse();
+    (hits > 0).then(|| format!("judge prefix cache: {hits} calls reused {reused} prompt tokens of earlier calls"))
+}
+
+/// Holds back the calls on a task until its first call has finished and left its prefix in the
+/// engine's cache. For one-token calls this costs next to nothing: mistral.rs 0.8.1 prefills
+/// prompts of different lengths one at a time anyway.
+#[derive(Default)]
+struct WarmGate {
+    tasks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<bool>>>>,
+}
+
+impl WarmGate {
+    /// Past this many tasks the gate forgets them all: a forgotten task's next call just runs
+    /// first again.
+    const MAX_TASKS: usize = 4096;
+
+    /// Some(guard) for the first call on `task`: hold it until the call has finished, then
+    /// [`WarmGate::done`]. None once the task is warm.
+    /// `task`: the task's prompt and its criteria (what its calls share).
+    async fn enter(&self, task: (&str, Option<&str>)) -> Option<tokio::sync::OwnedMutexGuard<bool>> {
+        let mut h = DefaultHasher::new();
+        task.hash(&mut h);
+        let cell = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            if tasks.len() >= Self::MAX_TASKS {
+                tasks.clear();
+            }
+            tasks.entry(h.finish()).or_default().clone()
+        };
+        let guard = cell.lock_owned().await;
+        (!*guard).then_some(guard)
+    }
+
+    /// Marks the task warm whether or not its first call succeeded: a failure must not hold
+    /// back the others.
+    fn done(guard: Option<tokio::sync::OwnedMutexGuard<bool>>) {
+        if let Some(mut g) = guard {
+            *g = true;
+        }
+    }
+}
+
 pub struct EmbeddedJudge {
     engine: MistralEngine,
+    /// None without a prefix cache.
+    gate: Option<WarmGate>,
     templates: Templates,
     labels: Labels,
     /// Token ids of (first, second, tie) labels, in label-probability mode.
@@ -67,6 +130,7 @@ impl EmbeddedJudge {
         let engine_cfg = EngineConfig {
             max_num_seqs: judge.embedded.max_num_seqs,
             serial: judge.embedded.serial,
+            prefix_cache: judge.embedded.prefix_cache,
             ..Default::default()
         };
         let engine = MistralEngine::load(model, &engine_cfg)
@@ -79,6 +143,7 @@ impl EmbeddedJudge {
         };
         Ok(Self {
             engine,
+            gate: (judge.embedded.prefix_cache > 0 && label_ids.is_some()).then(WarmGate::default),
             templates,
             labels: judge.labels.clone(),
             label_ids,
@@ -215,10 +280,15 @@ fn ms(start: Instant) -> u64 {
     start.elapsed().as_millis() as u64
 }
 
-#[async_trait]
-impl Judge for EmbeddedJudge {
-    async fn compare(&self, c: Comparison<'_>) -> JudgeOutput {
-        let start = Instant::now();
+impl EmbeddedJudge {
+    async fn enter(&self, prompt: &str, criteria: Option<&str>) -> Option<tokio::sync::OwnedMutexGuard<bool>> {
+        match &self.gate {
+            Some(g) => g.enter((prompt, criteria)).await,
+            None => None,
+        }
+    }
+
+    async fn compare_warm(&self, c: Comparison<'_>, start: Instant) -> JudgeOutput {
         if let Some(ids) = self.label_ids {
             // Always parseable: one forward pass, probabilities of the three labels.
             let prompt = self.templates.pairwise(&c, Some(&self.labels));
@@ -249,6 +319,18 @@ impl Judge for EmbeddedJudge {
             },
             Err(reason) => JudgeOutput::unscored(reason, raw, ms(start), 0).with_usage(usage),
         }
+    }
+}
+
+#[async_trait]
+impl Judge for EmbeddedJudge {
+    async fn compare(&self, c: Comparison<'_>) -> JudgeOutput {
+        // Latency counts the wait at the gate: it is part of what the caller waited for.
+        let start = Instant::now();
+        let guard = self.enter(c.prompt, c.criteria).await;
+        let out = self.compare_warm(c, start).await;
+        WarmGate::done(guard);
+        out
     }
 
     async fn rate(&self, prompt: &str, criteria: Option<&str>, answer: &str) -> RatingOutput {

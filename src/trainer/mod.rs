@@ -337,6 +337,7 @@ impl Trainer {
 
     async fn step_once(&mut self) -> Result<StepEnd> {
         let t_step = Instant::now();
+        let reused_before = crate::judge::embedded::prefix_cache_reuse().1;
         let step = self.step + 1;
         let ahead = self.cfg.run.max_off_policy_steps >= 1;
         // Where this step's wall time went (see `StepRecord`).
@@ -532,14 +533,19 @@ impl Trainer {
         let pool_now = self.pool_stats();
         record.parts.extend(record::pool_metrics(&self.pool_before, &pool_now, &self.pool_serving(), t_generate));
         self.pool_before = pool_now;
+        record.judge_prefix_reused_tokens = crate::judge::embedded::prefix_cache_reuse().1.saturating_sub(reused_before);
         record.t_step = t_step.elapsed().as_secs_f64();
         record.t_other = (record.t_step - t_generate - t_judge_tail - (t_learn - t_overlap) - t_sync - t_checkpoint).max(0.0);
         self.metrics.write(&record)?;
         self.bars.steps.set_message(record.status());
         self.bars.steps.inc(1);
         let overlap = if ahead { format!(" (hidden {t_overlap:.1}s)") } else { String::new() };
+        let reused = match record.judge_prefix_reused_tokens {
+            0 => String::new(),
+            n => format!(", {n} prompt tokens from the judge's prefix cache"),
+        };
         self.bars.log(format!(
-            "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s{overlap} sync {:.1}s | judge tokens {} (run {})",
+            "step {step}/{}: reward {} | W/T/L/U {}/{}/{}/{} | levels {:?} (+{}) | kl {} | gen {:.1}s judge-tail {:.1}s learn {:.1}s{overlap} sync {:.1}s | judge tokens {} (run {}{reused})",
             self.cfg.run.steps,
             record.reward_mean.map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into()),
             stats.wins,

@@ -88,6 +88,10 @@ pub struct StepRecord {
     /// Judge replies of this step without usable token counts (counted as 0 tokens).
     #[serde(default)]
     pub judge_usage_missing: u64,
+    /// Prompt tokens the embedded judge took from its prefix cache during this step instead of
+    /// prefilling them (`judge.embedded.prefix_cache`); counted in `judge_prompt_tokens` too.
+    #[serde(default)]
+    pub judge_prefix_reused_tokens: u64,
     /// Prompt + completion judge tokens of the run so far (this step included, resumes too).
     #[serde(default)]
     pub judge_tokens_total: u64,
@@ -391,6 +395,8 @@ pub(super) fn step_record(
         judge_prompt_tokens: stats.judge_prompt_tokens,
         judge_completion_tokens: stats.judge_completion_tokens,
         judge_usage_missing: stats.judge_usage_missing,
+        // The trainer's to fill in: the engine counts it, not the calls.
+        judge_prefix_reused_tokens: 0,
         // The run's totals and costs are the trainer's to fill in.
         judge_tokens_total: 0,
         judge_cost: None,

@@ -1031,3 +1031,118 @@ async fn judge_cli_with_a_panel_writes_each_members_result_and_prints_its_table(
     assert!(!res.status.success() && err.contains("judge.panel.members[1]") && err.contains("PANEL_MEMBER_KEY_UNSET is not set"), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), before);
 }
+
+/// `judge.embedded.prefix_cache`: calls on one task share its prompt and criteria, so every call
+/// after a task's first prefills only its answers, and each verdict keeps its bits. Two processes
+/// (cache on, cache off) judge the same pairs with the CLI's concurrency; the counters are the
+/// patched engine's, per process.
+#[test]
+fn embedded_judge_prefix_cache_reuses_a_tasks_prompt_and_keeps_every_verdict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::llama(7));
+    let (cfg, _) = common::config_for(
+        tmp.path(),
+        &model,
+        "[judge]\nkind = \"embedded\"\nmode = \"label-probability\"\n[reward]\nposition = \"both\"\nsoft = true\n",
+    );
+    let tasks = [
+        ("Write a short story about a lighthouse keeper who finds a message in a bottle, told over one stormy night, in the first person.",
+         "1. Voice: a consistent first-person narrator.\n2. Setting: the storm and the lighthouse are vivid.\n3. Arc: the message changes the keeper."),
+        ("Draft a memo to the staff of a small bakery announcing new opening hours for the winter, with the reasons and the start date.",
+         "1. Clarity: the hours and the date are unmistakable.\n2. Tone: friendly and brief.\n3. Reasons: given in one or two sentences."),
+    ];
+    // Two answers of one length: their calls can be prefilled together from the same offset.
+    let answers = ["The lamp burned all night.", "I found it at dawn.", "I found it at dusk.", "Dear staff, winter hours start soon."];
+    let mut lines = String::new();
+    for (t, (prompt, criteria)) in tasks.iter().enumerate() {
+        for (a, answer) in answers.iter().enumerate() {
+            lines.push_str(&json!({"id": format!("t{t}a{a}"), "prompt": prompt, "criteria": criteria, "response": answer, "reference": "A reference answer."}).to_string());
+            lines.push('\n');
+        }
+    }
+    let pairs = write(tmp.path(), "pairs.jsonl", &lines);
+    let judge = |prefix_cache: &str, out: &str| {
+        let out = tmp.path().join(out);
+        let res = Command::new(common::bin())
+            .args(["judge", "--config"])
+            .arg(&cfg)
+            .arg("--pairs")
+            .arg(&pairs)
+            .arg("--out")
+            .arg(&out)
+            .env("ORCHESTRATOR__JUDGE__EMBEDDED__PREFIX_CACHE", prefix_cache)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&res.stdout).to_string();
+        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        let probs: Vec<Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                json!([v["id"], v["reward"], v["calls"].as_array().unwrap().iter().map(|c| c["judgement"]["probs"].clone()).collect::<Vec<_>>()])
+            })
+            .collect();
+        (stdout, probs)
+    };
+    let (cached_out, cached) = judge("16", "cached.jsonl");
+    let (plain_out, plain) = judge("0", "plain.jsonl");
+    assert_eq!(cached.len(), 8);
+    assert_eq!(cached, plain, "verdicts with and without the prefix cache");
+    assert!(!plain_out.contains("judge prefix cache"), "{plain_out}");
+
+    // 16 calls on 2 tasks: every call after its task's first reuses at least the task and its
+    // criteria (the gate holds the others back until the first has finished).
+    let line = cached_out.lines().find(|l| l.starts_with("judge prefix cache: ")).unwrap_or_else(|| panic!("{cached_out}"));
+    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let (hits, reused) = (nums[0], nums[1]);
+    assert!(hits >= 14, "{line}");
+    let tok = tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+    let task_tokens = tasks.iter().map(|(p, c)| tok.encode(format!("{p}\n{c}"), false).unwrap().get_ids().len() as u64).min().unwrap();
+    assert!(reused >= 14 * task_tokens, "{line}: {task_tokens} tokens a task");
+}
+
+/// Every context length a request's logits processor was called at.
+#[derive(Default)]
+struct Calls(Mutex<Vec<usize>>);
+
+impl CustomLogitsProcessor for Calls {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        self.0.lock().unwrap().push(context.len());
+        Ok(logits.clone())
+    }
+}
+
+/// A one-token request (every label-probability judge call) ends in its prompt step. mistral.rs
+/// 0.8.1 then set it running again: it decoded on, and whenever the scheduler set it aside for
+/// requests of another length it was prefilled again from its first token, costing judge calls
+/// a quarter of their time (and, with a prefix-cache hit, attending over a stale cache). Our
+/// patch keeps it finished: each request is computed once, at its prompt's length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_requests_of_many_lengths_are_computed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model(&tmp.path().join("model"), &TinySpec::llama(11));
+    let model = orchestrator::config::ModelConfig { path: dir, format: Default::default(), dtype: Default::default() };
+    let cfg = orchestrator::engine::EngineConfig { max_num_seqs: 16, ..Default::default() };
+    let engine = orchestrator::engine::MistralEngine::load(&model, &cfg).await.unwrap();
+    let wave = |tag: &'static str| {
+        let engine = &engine;
+        futures::future::join_all((0..12).map(move |i| async move {
+            let calls = Arc::new(Calls::default());
+            let prompt = format!("{tag}: {}", "word ".repeat(3 + 5 * i));
+            let req = RequestBuilder::new()
+                .add_message(TextMessageRole::User, prompt)
+                .set_sampler_max_len(1)
+                .add_logits_processor(calls.clone());
+            engine.raw().send_chat_request(req).await.unwrap();
+            calls
+        }))
+    };
+    let first = wave("first").await;
+    // A second wave gives any request left running from the first its engine steps.
+    let second = wave("second").await;
+    for calls in first.iter().chain(&second) {
+        let seen = calls.0.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "one-token request computed at context lengths {seen:?}");
+    }
+}
