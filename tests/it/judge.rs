@@ -1102,22 +1102,11 @@ fn embedded_judge_prefix_cache_reuses_a_tasks_prompt_and_keeps_every_verdict() {
     assert!(reused >= 14 * task_tokens, "{line}: {task_tokens} tokens a task");
 }
 
-/// Every context length a request's logits processor was called at.
-#[derive(Default)]
-struct Calls(Mutex<Vec<usize>>);
-
-impl CustomLogitsProcessor for Calls {
-    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
-        self.0.lock().unwrap().push(context.len());
-        Ok(logits.clone())
-    }
-}
-
 /// A one-token request (every label-probability judge call) ends in its prompt step. mistral.rs
 /// 0.8.1 then set it running again: it decoded on, and whenever the scheduler set it aside for
 /// requests of another length it was prefilled again from its first token, costing judge calls
 /// a quarter of their time (and, with a prefix-cache hit, attending over a stale cache). Our
-/// patch keeps it finished: each request is computed once, at its prompt's length.
+/// patch keeps it finished: each request is computed at its prompt's length alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_token_requests_of_many_lengths_are_computed_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1128,7 +1117,7 @@ async fn one_token_requests_of_many_lengths_are_computed_once() {
     let wave = |tag: &'static str| {
         let engine = &engine;
         futures::future::join_all((0..12).map(move |i| async move {
-            let calls = Arc::new(Calls::default());
+            let calls = Arc::new(Positions::default());
             let prompt = format!("{tag}: {}", "word ".repeat(3 + 5 * i));
             let req = RequestBuilder::new()
                 .add_message(TextMessageRole::User, prompt)
@@ -1143,6 +1132,6 @@ async fn one_token_requests_of_many_lengths_are_computed_once() {
     let second = wave("second").await;
     for calls in first.iter().chain(&second) {
         let seen = calls.0.lock().unwrap().clone();
-        assert_eq!(seen.len(), 1, "one-token request computed at context lengths {seen:?}");
+        assert_eq!(seen.len(), 1, "one-token request decoded at context lengths {seen:?}");
     }
 }
