@@ -228,8 +228,8 @@ pub struct EmbeddedConfig {
     /// Finished calls whose KV caches the judge keeps, so that a call sharing its start with
     /// one of them (the task, its criteria, often the reference) prefills only the rest. In
     /// label-probability mode the first call on a task runs before the others on it so they can
-    /// reuse it. Verdicts are the same bits as without it; 0 turns it off. Memory: each kept call holds its KV cache (about
-    /// 24 MB for SmolLM2-135M in f32).
+    /// reuse it. Verdicts are the same bits as without it; 0 turns it off. Memory: each kept
+    /// call holds its KV cache on the judge's device (about 24 MB for SmolLM2-135M in f32).
     pub prefix_cache: usize,
 }
 
