@@ -634,16 +634,23 @@ fn bench_judge_prints_the_ratio() {
     assert!(stdout.contains("server max in flight 4") && stdout.contains("unscored 0"), "{stdout}");
 }
 
-#[test]
-fn judge_cli_with_the_embedded_label_judge_on_the_policy_weights() {
+/// A tiny model in a temp dir and a config whose judge is that model, embedded, reading label
+/// probabilities in both orders with soft rewards. No [judge.embedded.model]: the policy's own
+/// weights judge.
+fn embedded_label_judge_setup(seed: u64) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::llama(5));
-    // No [judge.embedded.model]: the policy's own weights judge.
+    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::llama(seed));
     let (cfg, _) = common::config_for(
         tmp.path(),
         &model,
         "[judge]\nkind = \"embedded\"\nmode = \"label-probability\"\n[reward]\nposition = \"both\"\nsoft = true\n",
     );
+    (tmp, model, cfg)
+}
+
+#[test]
+fn judge_cli_with_the_embedded_label_judge_on_the_policy_weights() {
+    let (tmp, _model, cfg) = embedded_label_judge_setup(5);
     let pairs = write(
         tmp.path(),
         "pairs.jsonl",
@@ -1038,13 +1045,7 @@ async fn judge_cli_with_a_panel_writes_each_members_result_and_prints_its_table(
 /// patched engine's, per process.
 #[test]
 fn embedded_judge_prefix_cache_reuses_a_tasks_prompt_and_keeps_every_verdict() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(&tmp.path().join("model"), &TinySpec::llama(7));
-    let (cfg, _) = common::config_for(
-        tmp.path(),
-        &model,
-        "[judge]\nkind = \"embedded\"\nmode = \"label-probability\"\n[reward]\nposition = \"both\"\nsoft = true\n",
-    );
+    let (tmp, model, cfg) = embedded_label_judge_setup(7);
     let tasks = [
         ("Write a short story about a lighthouse keeper who finds a message in a bottle, told over one stormy night, in the first person.",
          "1. Voice: a consistent first-person narrator.\n2. Setting: the storm and the lighthouse are vivid.\n3. Arc: the message changes the keeper."),
